@@ -1,0 +1,61 @@
+"""Error classification shared by every step of the chain.
+
+Errors are classified where they arise (transient vs. denied) and mapped to an
+HTTP status in exactly one place (``metadata/middleware.py``). Messages name the
+step and the fix; they never carry a token.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Step(StrEnum):
+    SUBJECT_TOKEN = "subject_token"
+    STS = "sts"
+    IAM_ACCESS = "iam_generate_access_token"
+    IAM_ID = "iam_generate_id_token"
+    AWS = "aws"
+    AZURE = "azure"
+
+
+class BrokerError(Exception):
+    """A failure of one step of the token chain."""
+
+    def __init__(
+        self,
+        step: Step,
+        reason: str,
+        *,
+        fix: str = "",
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.step = step
+        self.reason = reason
+        self.fix = fix
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        status = f" (HTTP {self.upstream_status})" if self.upstream_status is not None else ""
+        text = f"{self.step.value} failed{status}: {self.reason}"
+        return f"{text}. Fix: {self.fix}" if self.fix else text
+
+
+class Transient(BrokerError):
+    """Worth retrying: timeouts, 5xx, 429, a token file that is mid-rotation."""
+
+
+class Denied(BrokerError):
+    """Permanent until an operator changes configuration or IAM policy."""
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the CLI prints it as one line and exits 2."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{name}: {problem}")

@@ -1,0 +1,316 @@
+"""Settings: one table, one precedence rule (flag > WIF_BROKER_* env > TOML > default).
+
+Everything is validated here, once, at start-up. A problem raises
+:class:`~broker.errors.ConfigError` naming the setting (or the JSON field of the
+credential file), which the CLI prints as one line before exiting 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker import credconfig
+from broker.credconfig import AwsSource, AzureSource, CredentialConfig, FileSource, TokenFormat, UrlSource
+from broker.errors import ConfigError
+from broker.tokens import CLOUD_PLATFORM, ScopeSet
+
+ENV_PREFIX = "WIF_BROKER_"
+JWT = "urn:ietf:params:oauth:token-type:jwt"
+K8S_TOKEN_PATHS = ("/var/run/service-account/token", "/var/run/secrets/tokens/gcp-token")
+_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+_SA_PROJECT = re.compile(r"^[^@]+@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    name: str
+    kind: str  # "str" | "int" | "list"
+    default: str | int | tuple[str, ...] | None
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("credentials", "str", None, "external_account JSON file (default $GOOGLE_APPLICATION_CREDENTIALS)"),
+    Spec("audience", "str", None, "file-less mode: the workload identity provider audience"),
+    Spec("service-account", "str", None, "file-less mode: service account to impersonate"),
+    Spec("source", "str", "auto", "file-less mode: auto | aws | azure | file:PATH | url:URL"),
+    Spec("token-url", "str", None, "override the STS token endpoint (full URL)"),
+    Spec("iam-endpoint", "str", None, "override the IAM Credentials base URL"),
+    Spec("azure-resource", "str", None, "Entra application ID URI for source = azure"),
+    Spec("listen", "list", ("127.0.0.1:8988",), "metadata server address (repeatable)"),
+    Spec("admin-listen", "str", "0.0.0.0:8989", "address of /healthz, /readyz, /metrics"),
+    Spec("project-id", "str", None, "project/project-id (default: from the service account email)"),
+    Spec("numeric-project-id", "str", None, "project/numeric-project-id (default: from the audience)"),
+    Spec("zone", "str", None, "instance/zone short name, e.g. us-central1-a"),
+    Spec("scopes", "list", (CLOUD_PLATFORM,), "scopes when a client names none"),
+    Spec("refresh-before", "int", 600, "seconds before expiry to start renewing"),
+    Spec("min-serve-ttl", "int", 300, "never serve a token with fewer seconds left"),
+    Spec("log-level", "str", "info", "debug | info | warning | error"),
+    Spec("log-format", "str", "json", "json | text"),
+)
+NAMES = {spec.name for spec in SPECS}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    cred: CredentialConfig
+    service_account_email: str  # "" for direct federated access
+    access_token_url: str  # generateAccessToken URL, "" without impersonation
+    id_token_url: str
+    listen: tuple[Address, ...]
+    admin_listen: Address
+    project_id: str
+    numeric_project_id: str
+    zone: str
+    scopes: ScopeSet
+    refresh_before: int
+    min_serve_ttl: int
+    log_level: str
+    log_format: str
+    instance_name: str
+    instance_id: str
+
+    @property
+    def impersonating(self) -> bool:
+        return bool(self.access_token_url)
+
+    @property
+    def email(self) -> str:
+        """What the metadata server reports as the account.
+
+        Without impersonation there is no service account; like GKE for a
+        Kubernetes service account without a Google service account, the broker
+        reports the workload pool identity ``PROJECT.svc.id.goog``.
+        """
+        return self.service_account_email or f"{self.project_id}.svc.id.goog"
+
+
+def parse_address(name: str, value: str) -> Address:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(name, f"{value!r} is not HOST:PORT")
+    return Address(host, int(port))
+
+
+def _coerce(spec: Spec, raw: Any, origin: str) -> str | int | tuple[str, ...]:
+    if spec.kind == "int":
+        text = str(raw).strip()
+        text = text[:-1] if text.endswith("s") else text
+        if isinstance(raw, bool) or not text.isdigit():
+            raise ConfigError(spec.name, f"{raw!r} ({origin}) is not a whole number of seconds")
+        return int(text)
+    if spec.kind == "list":
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        values = tuple(str(item).strip() for item in items if str(item).strip())
+        if not values:
+            raise ConfigError(spec.name, f"({origin}) must not be empty")
+        return values
+    if not isinstance(raw, str):
+        raise ConfigError(spec.name, f"({origin}) must be a string")
+    return raw
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path!r} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path!r}: {exc}") from None
+    return {key.replace("_", "-"): value for key, value in data.items()}
+
+
+def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Merge the four layers into raw-but-typed values, rejecting unknown names."""
+    for key in environ:
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower().replace("_", "-")
+            if name not in NAMES and name != "config":
+                raise ConfigError(key, "unknown setting")
+    config_path = flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    toml = _read_toml(config_path) if config_path else {}
+    for key in toml:
+        if key not in NAMES:
+            raise ConfigError(key, f"unknown setting in {config_path}")
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        env_key = ENV_PREFIX + spec.name.upper().replace("-", "_")
+        flag = flags.get(spec.name.replace("-", "_"))
+        if flag is not None and flag != []:
+            values[spec.name] = _coerce(spec, flag, "flag")
+        elif environ.get(env_key):
+            values[spec.name] = _coerce(spec, environ[env_key], env_key)
+        elif spec.name in toml:
+            values[spec.name] = _coerce(spec, toml[spec.name], "config file")
+        else:
+            values[spec.name] = spec.default
+    return values
+
+
+def _fileless(values: dict[str, Any], environ: Mapping[str, str]) -> CredentialConfig:
+    audience = values["audience"]
+    source_text: str = values["source"]
+    universe = "googleapis.com"
+    source: credconfig.CredentialSource
+    token_type = JWT
+    if source_text == "auto":
+        source_text = _detect_source(environ)
+    if source_text.startswith("file:"):
+        source = FileSource(source_text[5:])
+        if not source.path:
+            raise ConfigError("source", "file: needs a path")
+    elif source_text.startswith("url:"):
+        source = UrlSource(credconfig.check_url("source", source_text[4:]), (), TokenFormat())
+    elif source_text == "aws":
+        source = AwsSource("https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15")
+        token_type = credconfig.AWS_TOKEN_TYPE
+    elif source_text == "azure":
+        resource = values["azure-resource"] or "https://iam.googleapis.com/" + audience.removeprefix(
+            "//iam.googleapis.com/"
+        )
+        source = AzureSource(resource)
+    else:
+        raise ConfigError("source", f"{source_text!r} is not auto, aws, azure, file:PATH or url:URL")
+    info: dict[str, Any] = {
+        "type": "external_account",
+        "audience": audience,
+        "subject_token_type": token_type,
+        "credential_source": {"file": "-"},
+    }
+    base = credconfig.parse(info)
+    return CredentialConfig(
+        audience=base.audience,
+        subject_token_type=token_type,
+        token_url=credconfig.default_token_url(universe),
+        source=source,
+        universe_domain=universe,
+    )
+
+
+def _detect_source(environ: Mapping[str, str]) -> str:
+    if all(environ.get(k) for k in ("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID")):
+        return "azure"
+    aws_markers = (
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_ACCESS_KEY_ID",
+    )
+    if any(environ.get(k) for k in aws_markers):
+        return "aws"
+    for path in K8S_TOKEN_PATHS:
+        if Path(path).is_file():
+            return "file:" + path
+    raise ConfigError(
+        "source", "auto found no AWS, Azure or Kubernetes token in the environment; set it explicitly"
+    )
+
+
+def _credential_config(values: dict[str, Any], environ: Mapping[str, str]) -> CredentialConfig:
+    explicit = values["credentials"]
+    if values["audience"]:
+        if explicit:
+            raise ConfigError("credentials", "give either a credential file or audience/source, not both")
+        return _fileless(values, environ)
+    path = explicit or environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not path:
+        raise ConfigError(
+            "credentials",
+            "no credential file (set --credentials or GOOGLE_APPLICATION_CREDENTIALS) "
+            "and no --audience for file-less mode",
+        )
+    return credconfig.parse(credconfig.load_file(path))
+
+
+def _impersonation(values: dict[str, Any], cred: CredentialConfig) -> tuple[str, str, str]:
+    email = values["service-account"] or cred.service_account_email
+    if values["service-account"] and cred.service_account_email and email != cred.service_account_email:
+        raise ConfigError("service-account", "differs from the credential file's impersonation URL")
+    if not email:
+        return "", "", ""
+    if "@" not in email:
+        raise ConfigError("service-account", f"{email!r} is not a service account email")
+    endpoint = values["iam-endpoint"]
+    if endpoint:
+        base = credconfig.check_url("iam-endpoint", endpoint).rstrip("/")
+        access = f"{base}/v1/projects/-/serviceAccounts/{email}:generateAccessToken"
+    else:
+        access = cred.impersonation_url or (
+            f"https://iamcredentials.{cred.universe_domain}/v1/projects/-/serviceAccounts/{email}:generateAccessToken"
+        )
+    return email, access, access.removesuffix(":generateAccessToken") + ":generateIdToken"
+
+
+def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve every setting; raise ConfigError on the first problem."""
+    env = os.environ if environ is None else environ
+    values = collect(flags, env)
+    cred = _credential_config(values, env)
+    if values["token-url"]:
+        cred = _replace_token_url(cred, credconfig.check_url("token-url", values["token-url"]))
+    email, access_url, id_url = _impersonation(values, cred)
+    project_id = values["project-id"] or _project_from_email(email)
+    if not project_id:
+        raise ConfigError("project-id", "is required: it cannot be derived from the service account email")
+    numeric = values["numeric-project-id"] or cred.project_number
+    if not numeric.isdigit():
+        raise ConfigError("numeric-project-id", "is required and must be digits (not found in the audience)")
+    zone = values["zone"] or ""
+    if zone and not _ZONE.match(zone):
+        raise ConfigError("zone", f"{zone!r} is not a zone name such as us-central1-a")
+    refresh_before, min_ttl = values["refresh-before"], values["min-serve-ttl"]
+    if refresh_before <= min_ttl:
+        raise ConfigError("refresh-before", f"must be greater than min-serve-ttl ({min_ttl})")
+    if values["log-level"] not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log-level", f"{values['log-level']!r} is not debug, info, warning or error")
+    if values["log-format"] not in ("json", "text"):
+        raise ConfigError("log-format", f"{values['log-format']!r} is not json or text")
+    host = socket.gethostname()
+    return Settings(
+        cred=cred,
+        service_account_email=email,
+        access_token_url=access_url,
+        id_token_url=id_url,
+        listen=tuple(parse_address("listen", item) for item in values["listen"]),
+        admin_listen=parse_address("admin-listen", values["admin-listen"]),
+        project_id=project_id,
+        numeric_project_id=numeric,
+        zone=zone,
+        scopes=ScopeSet.of(values["scopes"]),
+        refresh_before=refresh_before,
+        min_serve_ttl=min_ttl,
+        log_level=values["log-level"],
+        log_format=values["log-format"],
+        instance_name=host,
+        # A stable 19-digit id: clients only require digits (Go InstanceID, .NET).
+        instance_id=str(int(hashlib.sha256(host.encode()).hexdigest()[:15], 16) % 10**19).rjust(19, "1"),
+    )
+
+
+def _replace_token_url(cred: CredentialConfig, url: str) -> CredentialConfig:
+    from dataclasses import replace
+
+    return replace(cred, token_url=url)
+
+
+def _project_from_email(email: str) -> str:
+    match = _SA_PROJECT.match(email)
+    return match.group(1) if match else ""

@@ -1,0 +1,71 @@
+"""Value types for every token level the broker handles.
+
+The secret is kept out of ``repr`` so that a token object that lands in a log
+line, a traceback or an assertion message shows its kind and expiry only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+
+
+class TokenKind(StrEnum):
+    FEDERATED = "federated"
+    ACCESS = "access"
+    ID = "id"
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A bearer credential and the wall-clock instant it stops being valid."""
+
+    kind: TokenKind
+    value: str = field(repr=False)
+    expires_at: float
+
+    def seconds_left(self, now: float) -> float:
+        return self.expires_at - now
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeSet:
+    """An order- and duplicate-insensitive set of OAuth scopes (SPEC §4)."""
+
+    scopes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, scopes: Iterable[str]) -> ScopeSet:
+        cleaned = {s.strip() for s in scopes if s.strip()}
+        return cls(tuple(sorted(cleaned)))
+
+    @classmethod
+    def parse(cls, query_value: str) -> ScopeSet:
+        # Python and gcloud join with ",", some tools with spaces; accept both.
+        return cls.of(query_value.replace(" ", ",").split(","))
+
+    def __bool__(self) -> bool:
+        return bool(self.scopes)
+
+
+@dataclass(frozen=True, slots=True)
+class IdTokenKey:
+    """What makes two ID-token requests interchangeable."""
+
+    audience: str
+    include_email: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FederatedKey:
+    """The cache key of a federated STS token.
+
+    With impersonation one STS token serves every scope set, so the key is the
+    fixed STS scope; without impersonation the STS token *is* the access token
+    and the caller's scopes go to STS.
+    """
+
+    scopes: ScopeSet
