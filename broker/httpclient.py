@@ -1,0 +1,123 @@
+"""Outbound HTTP: one session factory, bounded reads, upstream error decoding.
+
+Every call has a timeout and reads at most ``MAX_BODY`` bytes (golang/oauth2's
+LimitReader habit), so a broken or hostile upstream cannot stall or bloat us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from broker import __version__
+from broker.errors import BrokerError, Denied, Step, Transient
+
+MAX_BODY = 1 << 20
+TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+USER_AGENT = f"wif-broker/{__version__}"
+# 429, 5xx and the Azure IMDS "updating" 404/410 are worth another try.
+TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def new_session() -> aiohttp.ClientSession:
+    # trust_env=False: an HTTP(S)_PROXY meant for the app must not capture
+    # token traffic, and the broker never sends X-Forwarded-For itself.
+    return aiohttp.ClientSession(
+        timeout=TIMEOUT, headers={"User-Agent": USER_AGENT}, trust_env=False, raise_for_status=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    step: Step,
+    *,
+    headers: Mapping[str, str] | None = None,
+    data: Mapping[str, str] | None = None,
+    json_body: Any = None,
+    client_timeout: aiohttp.ClientTimeout = TIMEOUT,
+) -> Reply:
+    """Send one request; connection problems become :class:`Transient` naming ``step``."""
+    try:
+        async with session.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            json=json_body,
+            timeout=client_timeout,
+            allow_redirects=False,
+        ) as resp:
+            body = await resp.content.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                raise Transient(step, f"response from {_host(url)} is larger than {MAX_BODY} bytes")
+            return Reply(resp.status, body, dict(resp.headers))
+    except TimeoutError:
+        raise Transient(step, f"timed out talking to {_host(url)}") from None
+    except aiohttp.ClientError as exc:
+        raise Transient(step, f"cannot reach {_host(url)}: {type(exc).__name__}") from None
+    except asyncio.CancelledError:
+        raise
+
+
+def _host(url: str) -> str:
+    return url.split("/")[2] if "//" in url else url
+
+
+def retry_after(reply: Reply) -> float | None:
+    value = reply.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
+
+
+def upstream_error(
+    step: Step,
+    reply: Reply,
+    fixes: Mapping[str, str] | None = None,
+    transient: frozenset[int] = TRANSIENT_STATUSES,
+) -> BrokerError:
+    """Turn a non-2xx reply into Transient or Denied with the upstream's reason.
+
+    Understands OAuth errors (``{"error", "error_description"}``, STS and Azure)
+    and Google API errors (``{"error": {"code", "message", "status"}}``).
+    """
+    code, message = _decode_error(reply.body)
+    fix = (fixes or {}).get(code, "")
+    kind = Transient if reply.status in transient else Denied
+    reason = f"{code}: {message}" if code and message else (code or message or "no error body")
+    return kind(step, reason, fix=fix, upstream_status=reply.status, retry_after=retry_after(reply))
+
+
+def _decode_error(body: bytes) -> tuple[str, str]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        text = body[:300].decode("utf-8", "replace").strip()
+        return "", text
+    if not isinstance(data, dict):
+        return "", ""
+    err = data.get("error")
+    if isinstance(err, dict):
+        reason = ""
+        for detail in err.get("details") or []:
+            if isinstance(detail, dict) and detail.get("reason"):
+                reason = str(detail["reason"])
+        return str(err.get("status") or err.get("code") or ""), str(err.get("message", "")) + (
+            f" [{reason}]" if reason else ""
+        )
+    return str(err or ""), str(data.get("error_description", ""))

@@ -1,0 +1,30 @@
+"""Pulling the subject token out of raw file or URL content (text or json format)."""
+
+from __future__ import annotations
+
+import json
+
+from broker.credconfig import TokenFormat
+from broker.errors import Step, Transient
+
+
+def extract(raw: bytes, fmt: TokenFormat, where: str) -> str:
+    text = raw.decode("utf-8", "replace")
+    if fmt.type == "json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise Transient(Step.SUBJECT_TOKEN, f"{where} is not valid JSON") from None
+        value = data.get(fmt.subject_token_field_name) if isinstance(data, dict) else None
+        if not isinstance(value, str):
+            raise Transient(
+                Step.SUBJECT_TOKEN,
+                f"{where} has no string field {fmt.subject_token_field_name!r}",
+                fix="check credential_source.format.subject_token_field_name",
+            )
+        text = value
+    # google-auth keeps a trailing newline verbatim; STS would reject it, so strip.
+    token = text.strip()
+    if not token:
+        raise Transient(Step.SUBJECT_TOKEN, f"{where} holds an empty token")
+    return token
