@@ -1,0 +1,254 @@
+"""A generic token cache: single-flight, refresh-ahead with jitter, stale-on-error.
+
+Knows nothing of HTTP or Google: it receives a loader ``key -> Token`` and a
+clock. Semantics (SPEC §4, reference/style-and-architecture.md §4):
+
+* ``get`` returns a stored token while it has more than ``min_serve_ttl`` left;
+  otherwise it joins the one in-flight load for the key or starts it. Check and
+  insert happen with no ``await`` between, so concurrent callers share one call.
+* Each stored token gets an owned background task that reloads it at
+  ``refresh_at`` (``refresh_before`` plus jitter ahead of expiry), so callers never
+  wait on rotation. Keys nobody asked for since the last load are dropped
+  instead of refreshed, unless ``keep_warm`` says otherwise.
+* A failed refresh keeps serving the old token while it is servable and retries
+  with capped exponential backoff and jitter; :class:`Denied` evicts. While a key
+  has no servable token, its last error is returned until the backoff elapses,
+  so a failing upstream is not hammered by retrying clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from broker import metrics
+from broker.clock import Clock
+from broker.errors import BrokerError, Denied, Step, Transient
+from broker.tokens import Token
+
+K = TypeVar("K", bound=Hashable)
+log = logging.getLogger("broker.cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    refresh_before: float = 600
+    min_serve_ttl: float = 300
+    jitter_fraction: float = 0.1  # of the token lifetime, subtracted at random from refresh_at
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+    retry_after_cap: float = 300.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    token: Token | None = None
+    refresh_at: float = 0.0
+    used: bool = False
+    failures: int = 0
+    last_error: BrokerError | None = None
+    retry_at: float = 0.0
+
+
+class TokenCache(Generic[K]):
+    def __init__(
+        self,
+        kind: metrics.Kind,
+        step: Step,
+        loader: Callable[[K], Awaitable[Token]],
+        clock: Clock,
+        policy: Policy,
+        *,
+        keep_warm: Callable[[K], bool] = lambda key: False,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._kind = kind
+        self._step = step  # named in the error when a loaded token is too short-lived
+        self._loader = loader
+        self._clock = clock
+        self._policy = policy
+        self._keep_warm = keep_warm
+        self._rng = rng or random.Random()
+        self._entries: dict[K, _Entry] = {}
+        self._inflight: dict[K, asyncio.Task[Token]] = {}
+        self._refreshers: dict[K, asyncio.Task[None]] = {}
+        self._closed = False
+        ref = weakref.ref(self)
+        metrics.EXPIRY.sources[kind] = lambda: c.soonest_expiry() if (c := ref()) else None
+
+    # -- reading -----------------------------------------------------------------
+
+    def servable(self, key: K) -> Token | None:
+        """The stored token if it may be handed out now, without side effects."""
+        entry = self._entries.get(key)
+        if entry and entry.token and self._clock.wall() < entry.token.expires_at - self._policy.min_serve_ttl:
+            return entry.token
+        return None
+
+    def last_error(self, key: K) -> BrokerError | None:
+        entry = self._entries.get(key)
+        return entry.last_error if entry else None
+
+    async def get(self, key: K) -> Token:
+        entry = self._entries.get(key)
+        token = self.servable(key)
+        if entry and token:
+            entry.used = True
+            self._count(metrics.CacheResult.HIT)
+            if entry.failures:
+                metrics.STALE_SERVED.labels(kind=self._kind.value).inc()
+            return token
+        task = self._inflight.get(key)
+        if task is not None:
+            self._count(metrics.CacheResult.JOINED)
+            return await asyncio.shield(task)
+        if entry and entry.last_error and self._clock.wall() < entry.retry_at:
+            raise entry.last_error
+        self._count(metrics.CacheResult.MISS)
+        return await asyncio.shield(self._start_load(key))
+
+    def soonest_expiry(self) -> float | None:
+        expiries = [e.token.expires_at for e in self._entries.values() if e.token]
+        return min(expiries) - self._clock.wall() if expiries else None
+
+    # -- loading -----------------------------------------------------------------
+
+    def _start_load(self, key: K) -> asyncio.Task[Token]:
+        task = asyncio.get_running_loop().create_task(self._load(key))
+        self._inflight[key] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        # A load nobody awaits any more (every caller cancelled) must not log
+        # "exception never retrieved"; errors are recorded on the entry instead.
+        task.add_done_callback(_consume)
+        return task
+
+    async def _load(self, key: K) -> Token:
+        started = self._clock.wall()
+        try:
+            token = await self._loader(key)
+            left = token.expires_at - self._clock.wall()
+            if left <= self._policy.min_serve_ttl:
+                raise Transient(
+                    self._step,
+                    f"upstream issued a {self._kind.value} token valid for {left:.0f}s, "
+                    f"not more than min-serve-ttl ({self._policy.min_serve_ttl:.0f}s)",
+                    fix="lower min-serve-ttl or raise the token lifetime",
+                )
+        except BrokerError as exc:
+            entry = self._entries.setdefault(key, _Entry())
+            entry.failures += 1
+            entry.last_error = exc
+            entry.retry_at = started + self._backoff(entry.failures, exc.retry_after)
+            if isinstance(exc, Denied):
+                entry.token = None
+            self._publish()
+            raise
+        entry = self._entries.setdefault(key, _Entry())
+        entry.token, entry.failures, entry.last_error = token, 0, None
+        entry.refresh_at = self._refresh_at(token, started)
+        self._publish()
+        if key not in self._refreshers and not self._closed:
+            self._refreshers[key] = asyncio.get_running_loop().create_task(self._refresh_loop(key))
+        return token
+
+    def _refresh_at(self, token: Token, now: float) -> float:
+        policy = self._policy
+        lifetime = max(token.expires_at - now, 0.0)
+        ideal = (
+            token.expires_at - policy.refresh_before - self._rng.uniform(0, policy.jitter_fraction * lifetime)
+        )
+        servable_until = token.expires_at - policy.min_serve_ttl
+        # Short-lived tokens: still leave half the servable window before renewing.
+        return max(ideal, now + (servable_until - now) / 2)
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        policy = self._policy
+        delay = min(policy.backoff_cap, policy.backoff_base * 2.0 ** (failures - 1))
+        delay *= self._rng.uniform(0.5, 1.0)
+        if retry_after:
+            delay = max(delay, min(retry_after, policy.retry_after_cap))
+        return delay
+
+    async def _refresh_loop(self, key: K) -> None:
+        try:
+            while True:
+                entry = self._entries.get(key)
+                if entry is None or entry.token is None:
+                    return
+                deadline = max(entry.refresh_at, entry.retry_at if entry.failures else 0.0)
+                await self._clock.sleep_until(deadline)
+                entry = self._entries.get(key)
+                if entry is None or entry.token is None:
+                    return
+                if self._clock.wall() < max(entry.refresh_at, entry.retry_at if entry.failures else 0.0):
+                    continue  # replaced by a newer token meanwhile
+                if not entry.used and not self._keep_warm(key):
+                    del self._entries[key]  # idle: let it go rather than refresh forever
+                    self._publish()
+                    return
+                entry.used = False
+                await self._refresh_once(key)
+        finally:
+            self._refreshers.pop(key, None)
+
+    async def _refresh_once(self, key: K) -> None:
+        task = self._inflight.get(key) or self._start_load(key)
+        try:
+            await asyncio.shield(task)
+        except Denied as exc:
+            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.DENIED.value).inc()
+            log.error(
+                "refresh denied; token evicted",
+                extra={
+                    "event": "refresh",
+                    "kind": self._kind.value,
+                    "outcome": "denied",
+                    "error": exc.describe(),
+                },
+            )
+            self._entries.pop(key, None)
+            self._publish()
+        except BrokerError as exc:
+            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.TRANSIENT.value).inc()
+            log.warning(
+                "refresh failed; serving the cached token while it is valid",
+                extra={
+                    "event": "refresh",
+                    "kind": self._kind.value,
+                    "outcome": "transient",
+                    "error": exc.describe(),
+                },
+            )
+        else:
+            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.OK.value).inc()
+            log.info("token refreshed", extra={"event": "refresh", "kind": self._kind.value, "outcome": "ok"})
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _count(self, result: metrics.CacheResult) -> None:
+        metrics.CACHE_LOOKUPS.labels(kind=self._kind.value, result=result.value).inc()
+
+    def _publish(self) -> None:
+        held = sum(1 for e in self._entries.values() if e.token)
+        metrics.CACHED_TOKENS.labels(kind=self._kind.value).set(held)
+
+    async def close(self) -> None:
+        """Cancel and await every task this cache owns."""
+        self._closed = True
+        tasks = [*self._refreshers.values(), *self._inflight.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, BrokerError):
+                await task
+
+
+def _consume(task: asyncio.Task[Token]) -> None:
+    if not task.cancelled():
+        task.exception()
