@@ -1,0 +1,112 @@
+"""``wif-broker check``: the chain once, step by step, with what each step saw.
+
+Prints claims, principals and expiries, never a token. On failure it prints the
+step, the upstream's reason and the likely fix, and exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from broker import httpclient, iam, logs, sts
+from broker.chain import STS_SCOPES
+from broker.errors import BrokerError
+from broker.settings import Settings
+from broker.sources import build_source
+from broker.tokens import Token
+
+T = TypeVar("T")
+CHECK_AUDIENCE = "https://wif-broker.check.invalid"
+
+
+def _say(line: str) -> None:
+    print(logs.redact(line), file=sys.stdout, flush=True)
+
+
+async def _step(name: str, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except BrokerError as exc:
+        _say(
+            f"FAIL  {name}: {exc.reason}" + (f" (HTTP {exc.upstream_status})" if exc.upstream_status else "")
+        )
+        if exc.fix:
+            _say(f"      fix: {exc.fix}")
+        raise
+
+
+def _expiry(token: Token) -> str:
+    return f"expires in {int(token.expires_at - time.time())}s"
+
+
+async def run_check(settings: Settings) -> int:
+    cred = settings.cred
+    _say(f"audience      {cred.audience}")
+    _say(f"account       {settings.email}" + ("" if settings.impersonating else " (direct federated access)"))
+    session = httpclient.new_session()
+    try:
+        source = build_source(cred, session)
+        subject = await _step("subject token", source.subject_token)
+        _say(f"ok    subject token ({source.kind}): {_describe_subject(subject)}")
+        scopes = STS_SCOPES if settings.impersonating else settings.scopes
+        federated = await _step(
+            "STS token exchange",
+            lambda: sts.exchange_token(
+                session,
+                cred.token_url,
+                audience=cred.audience,
+                subject_token=subject,
+                subject_token_type=cred.subject_token_type,
+                scopes=scopes,
+                now=time.time(),
+            ),
+        )
+        _say(f"ok    STS token exchange at {cred.token_url}: federated token {_expiry(federated)}")
+        if not settings.impersonating:
+            _say("skip  impersonation: no service account configured; ID tokens unavailable")
+            return 0
+        access = await _step(
+            "generateAccessToken",
+            lambda: iam.generate_access_token(
+                session,
+                settings.access_token_url,
+                bearer=federated.value,
+                scopes=settings.scopes,
+                lifetime_seconds=cred.token_lifetime_seconds,
+                quota_project=cred.quota_project_id,
+            ),
+        )
+        _say(f"ok    generateAccessToken for {settings.email}: access token {_expiry(access)}")
+        id_token = await _step(
+            "generateIdToken",
+            lambda: iam.generate_id_token(
+                session,
+                settings.id_token_url,
+                bearer=federated.value,
+                audience=CHECK_AUDIENCE,
+                include_email=True,
+                quota_project=cred.quota_project_id,
+            ),
+        )
+        claims = iam.unverified_claims(id_token.value)
+        _say(
+            f"ok    generateIdToken: aud={claims.get('aud')} email={claims.get('email')} {_expiry(id_token)}"
+        )
+        return 0
+    except BrokerError:
+        return 1
+    finally:
+        await session.close()
+
+
+def _describe_subject(subject: str) -> str:
+    try:
+        claims = iam.unverified_claims(subject)
+    except ValueError:
+        return "not a JWT"
+    exp = claims.get("exp")
+    left = f", expires in {int(exp - time.time())}s" if isinstance(exp, int | float) else ""
+    return f"iss={claims.get('iss')} sub={claims.get('sub')} aud={claims.get('aud')}{left}"

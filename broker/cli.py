@@ -1,0 +1,81 @@
+"""Command line: ``run`` (default), ``demo``, ``check``, ``env``. No business logic here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from broker import __version__, daemon, envbundle, logs, settings
+from broker.errors import ConfigError
+
+COMMANDS = ("run", "demo", "check", "env")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, exit 2, like every other configuration error.
+        self.exit(2, f"wif-broker: error: {message}\n")
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file")
+    for spec in settings.SPECS:
+        kwargs: dict[str, object] = {"help": spec.help, "dest": spec.name.replace("-", "_")}
+        if spec.kind == "list":
+            kwargs["action"] = "append"
+        parser.add_argument(f"--{spec.name}", **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="wif-broker", description="GCE metadata server backed by Workload Identity Federation"
+    )
+    parser.add_argument("--version", action="version", version=f"wif-broker {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, text in (
+        ("run", "run the daemon (default)"),
+        ("demo", "run the daemon against built-in fake upstreams, offline"),
+        ("check", "run the token chain once, step by step, and explain failures"),
+        ("env", "print the environment app containers need"),
+    ):
+        command = sub.add_parser(name, help=text)
+        _add_settings(command)
+        if name == "env":
+            command.add_argument("--format", choices=envbundle.FORMATS, default="sh")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        args_list.insert(0, "run")
+    args = build_parser().parse_args(args_list)
+    flags = vars(args)
+    try:
+        if args.command == "demo":
+            from broker.demo import run_demo
+
+            logs.setup_logging(flags.get("log_level") or "info", flags.get("log_format") or "text")
+            return asyncio.run(run_demo(flags))
+        if args.command == "env":
+            # Only the listen address matters here; no credentials needed.
+            listen = settings.collect(flags, os.environ)["listen"][0]
+            sys.stdout.write(envbundle.render(settings.parse_address("listen", listen), args.format))
+            return 0
+        resolved = settings.build(flags)
+        logs.setup_logging(resolved.log_level, resolved.log_format)
+        if args.command == "check":
+            from broker.check import run_check
+
+            return asyncio.run(run_check(resolved))
+        asyncio.run(daemon.serve(resolved))
+        return 0
+    except ConfigError as exc:
+        print(f"wif-broker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,90 @@
+"""The daemon life-cycle: start admin, start metadata, pre-warm, serve, drain.
+
+The two listeners share one token chain, so the resources are owned here (one
+``AsyncExitStack``) rather than by either app's ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from broker import httpclient
+from broker.admin import create_admin_app
+from broker.chain import TokenChain
+from broker.clock import Clock, SystemClock
+from broker.metadata.app import create_metadata_app
+from broker.settings import Settings
+from broker.sources import build_source
+
+log = logging.getLogger("broker.daemon")
+DRAIN_SECONDS = 8.0  # SPEC §3: exit within 10 s of SIGTERM
+
+
+async def serve(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    on_listening: Callable[[list[str]], Awaitable[None]] | None = None,
+) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
+    clock = clock or SystemClock()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    shutdown = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        session = httpclient.new_session()
+        stack.push_async_callback(session.close)
+        chain = TokenChain(settings, build_source(settings.cred, session), session, clock)
+        stack.push_async_callback(chain.close)
+        admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
+        await admin.setup()
+        stack.push_async_callback(admin.cleanup)
+        await web.TCPSite(admin, settings.admin_listen.host, settings.admin_listen.port).start()
+        runner = web.AppRunner(
+            create_metadata_app(settings, chain, clock, shutdown),
+            access_log=None,
+            shutdown_timeout=DRAIN_SECONDS,
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        for address in settings.listen:
+            await web.TCPSite(runner, address.host, address.port, backlog=1024).start()
+        addresses = [_fmt(a) for a in runner.addresses]
+        log.info(
+            "listening",
+            extra={
+                "event": "start",
+                "metadata": ",".join(addresses),
+                "admin": ",".join(_fmt(a) for a in admin.addresses),
+                "account": settings.email,
+                "project": settings.project_id,
+                "source": type(settings.cred.source).__name__,
+            },
+        )
+        if on_listening is not None:
+            await on_listening(addresses)
+        warm = asyncio.create_task(chain.warm())
+        await stop.wait()
+        log.info("draining", extra={"event": "stop"})
+        shutdown.set()  # release wait_for_change long-polls
+        warm.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm
+    log.info("stopped", extra={"event": "stopped"})
+
+
+def _fmt(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)

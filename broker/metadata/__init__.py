@@ -1,0 +1,1 @@
+"""The emulated GCE metadata server (SPEC §3); the factory is ``broker.metadata.app``."""

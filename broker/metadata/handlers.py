@@ -1,0 +1,122 @@
+"""Thin handlers: parse the request, call the tree or the chain once, render."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from broker import metrics
+from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
+from broker.errors import BrokerError
+from broker.metadata import tree, watch
+from broker.metadata.middleware import ENDPOINT_KEY, error_response
+from broker.tokens import IdTokenKey, ScopeSet
+
+PREFIX = "/computeMetadata/v1/"
+# gcloud asks for this audience on every credential refresh and aborts on 403
+# or 5xx, but ignores 404 (metadata-protocol.md §1.7).
+GCLOUD_AUDIENCE = "32555940559.apps.googleusercontent.com"
+
+
+async def root(request: web.Request) -> web.Response:
+    request[ENDPOINT_KEY] = metrics.Endpoint.ROOT
+    return _text("computeMetadata/\n")
+
+
+async def compute_metadata(request: web.Request) -> web.Response:
+    request[ENDPOINT_KEY] = metrics.Endpoint.LISTING
+    if request.path == "/computeMetadata":
+        return _redirect(request)
+    return _text("v1/\n")
+
+
+async def metadata(request: web.Request) -> web.StreamResponse:
+    path = request.path
+    if path == PREFIX.rstrip("/"):
+        request[ENDPOINT_KEY] = metrics.Endpoint.LISTING
+        return _redirect(request)
+    rest = path[len(PREFIX) :]
+    trailing = rest.endswith("/") or rest == ""
+    segments = [s for s in rest.split("/") if s]  # tolerate "//", as GCE's emulator test does
+    settings = request.app[SETTINGS]
+    if segments[:2] == ["instance", "service-accounts"] and len(segments) >= 3:
+        if segments[2] not in ("default", settings.email):
+            return error_response(404, "Not Found: unknown service account")
+        if len(segments) == 4 and segments[3] in ("token", "identity"):
+            if trailing:
+                return error_response(404, "Not Found")
+            return await (token(request) if segments[3] == "token" else identity(request))
+    node = tree.resolve(request.app[TREE], segments)
+    if node is None:
+        request[ENDPOINT_KEY] = metrics.Endpoint.OTHER
+        return error_response(404, "Not Found")
+    is_dir = isinstance(node, tree.Dir)
+    request[ENDPOINT_KEY] = metrics.Endpoint.LISTING if is_dir else metrics.Endpoint.VALUE
+    if is_dir and not trailing:
+        return _redirect(request)
+    if not is_dir and trailing:
+        return error_response(404, "Not Found")
+    query = request.query
+    recursive = query.get("recursive", "").lower() == "true"
+    waiting = query.get("wait_for_change", "").lower() == "true"
+    try:
+        if waiting and is_dir and not recursive:
+            raise tree.BadQuery("wait_for_change on a directory needs recursive=true")
+        rendered = tree.render(node, alt=query.get("alt"), recursive=recursive)
+        if waiting:
+            await watch.wait(rendered, query, request.app[SHUTDOWN])
+    except tree.BadQuery as exc:
+        return error_response(400, f"Bad Request: {exc}")
+    response = web.Response(body=rendered.body, content_type=rendered.content_type)
+    response.headers["ETag"] = rendered.etag
+    return response
+
+
+async def token(request: web.Request) -> web.Response:
+    request[ENDPOINT_KEY] = metrics.Endpoint.TOKEN
+    scopes = ScopeSet.parse(request.query.get("scopes", ""))
+    access = await request.app[CHAIN].access_token(scopes)
+    expires_in = int(access.seconds_left(request.app[CLOCK].wall()))
+    body = {"access_token": access.value, "expires_in": expires_in, "token_type": "Bearer"}
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(), content_type="application/json"
+    )
+
+
+async def identity(request: web.Request) -> web.Response:
+    request[ENDPOINT_KEY] = metrics.Endpoint.IDENTITY
+    audience = request.query.get("audience", "")
+    if not audience:
+        return error_response(400, "Bad Request: non-empty audience parameter required")
+    fmt = request.query.get("format", "standard")
+    if fmt not in ("standard", "full"):
+        return error_response(400, "Bad Request: format must be standard or full")
+    key = IdTokenKey(audience=audience, include_email=fmt == "full")
+    try:
+        id_token = await request.app[CHAIN].id_token(key)
+    except BrokerError:
+        if audience == GCLOUD_AUDIENCE:
+            return error_response(404, "Not Found: no ID token for gcloud's own audience")
+        raise
+    return web.Response(body=id_token.value.encode(), content_type=tree.TEXT)
+
+
+def _text(text: str) -> web.Response:
+    response = web.Response(body=text.encode(), content_type=tree.TEXT)
+    response.headers["ETag"] = tree.Rendered(text.encode(), tree.TEXT).etag
+    return response
+
+
+def _redirect(request: web.Request) -> web.Response:
+    # Real GCE: 301 to the slash form on the Host the client used, keeping the
+    # query (gax-dotnet#410); gsutil and Node's isAvailable depend on it.
+    query = f"?{request.query_string}" if request.query_string else ""
+    location = f"http://{request.host}{request.path}/{query}"
+    response = error_response(301, f"{request.path}/")
+    response.headers["Location"] = location
+    return response
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(404, "Not Found")

@@ -1,0 +1,27 @@
+"""``?wait_for_change=true``: long-poll semantics over static values.
+
+The served values never change while the broker runs, so a watcher whose
+``last_etag`` is current waits for ``timeout_sec`` and gets the same value back;
+any other ``last_etag`` returns at once (metadata-protocol.md §3.3). Waiters
+are released early when the daemon drains, so SIGTERM is never held up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+from broker.metadata.tree import BadQuery, Rendered
+
+MAX_TIMEOUT = 600
+
+
+async def wait(rendered: Rendered, query: Mapping[str, str], shutdown: asyncio.Event) -> None:
+    raw = query.get("timeout_sec", str(MAX_TIMEOUT))
+    if not raw.isdigit():
+        raise BadQuery("timeout_sec must be a whole number of seconds")
+    if query.get("last_etag", "NONE") != rendered.etag:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(shutdown.wait(), timeout=min(int(raw), MAX_TIMEOUT))
