@@ -31,7 +31,7 @@ async def serve(
     *,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
-    on_listening: Callable[[list[str]], Awaitable[None]] | None = None,
+    on_listening: Callable[[list[str], list[str]], Awaitable[None]] | None = None,
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
     clock = clock or SystemClock()
@@ -60,19 +60,20 @@ async def serve(
         for address in settings.listen:
             await web.TCPSite(runner, address.host, address.port, backlog=1024).start()
         addresses = [_fmt(a) for a in runner.addresses]
+        admin_addresses = [_fmt(a) for a in admin.addresses]
         log.info(
             "listening",
             extra={
                 "event": "start",
                 "metadata": ",".join(addresses),
-                "admin": ",".join(_fmt(a) for a in admin.addresses),
+                "admin": ",".join(admin_addresses),
                 "account": settings.email,
                 "project": settings.project_id,
                 "source": type(settings.cred.source).__name__,
             },
         )
         if on_listening is not None:
-            await on_listening(addresses)
+            await on_listening(addresses, admin_addresses)
         warm = asyncio.create_task(chain.warm())
         await stop.wait()
         log.info("draining", extra={"event": "stop"})

@@ -48,7 +48,7 @@ async def run_demo(flags: Mapping[str, Any]) -> int:
             resolved = settings.build(merged, environ={})
             rotate = asyncio.create_task(_rotate(google, token_file))
 
-            async def announce(addresses: list[str]) -> None:
+            async def announce(addresses: list[str], _admin: list[str]) -> None:
                 _print_intro(resolved, addresses[0] if addresses else str(resolved.listen[0]), tmp)
 
             try:

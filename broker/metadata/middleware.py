@@ -23,7 +23,7 @@ from broker.errors import BrokerError, Transient
 
 log = logging.getLogger("broker.metadata")
 SERVER: Final = "Metadata Server for VM"
-ENDPOINT_KEY: Final = "wif_broker_endpoint"  # request-scoped, set by handlers
+ENDPOINT_KEY: Final = web.RequestKey("endpoint", metrics.Endpoint)  # set by handlers, read for metrics
 HTML = "text/html"
 
 

@@ -1,0 +1,127 @@
+"""Offline stand-ins for Google's token chain: an OIDC issuer, STS and IAM Credentials.
+
+``FakeGoogle`` serves FakeSts and FakeIam on two loopback ports, the way the real
+services live on two hosts, so a broker that posts to the wrong endpoint fails
+here as it would in production. It backs ``wif-broker demo`` and the tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+
+from aiohttp import web
+
+from broker.fakes.google import FakeIam, FakeSts, IssuedToken, Recorded
+from broker.fakes.oidc import DEFAULT_SUBJECT, FakeGoogleSigner, FakeOidcIssuer
+
+__all__ = [
+    "DEFAULT_AUDIENCE",
+    "DEFAULT_SERVICE_ACCOUNT",
+    "FakeGoogle",
+    "FakeGoogleSigner",
+    "FakeIam",
+    "FakeOidcIssuer",
+    "FakeSts",
+    "IssuedToken",
+    "Recorded",
+]
+
+DEFAULT_AUDIENCE = (
+    "//iam.googleapis.com/projects/123456789012/locations/global"
+    "/workloadIdentityPools/wif-broker-demo/providers/fake-oidc"
+)
+DEFAULT_SERVICE_ACCOUNT = "app@wif-broker-demo.iam.gserviceaccount.com"
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, f"http://{host}:{port}"
+
+
+class FakeGoogle:
+    """Issuer + FakeSts + FakeIam running on 127.0.0.1 ephemeral ports.
+
+    Use as ``async with FakeGoogle(...) as google:`` or call :meth:`start` and
+    :meth:`close` yourself. URLs are available once started.
+    """
+
+    def __init__(
+        self,
+        audience: str = DEFAULT_AUDIENCE,
+        service_accounts: Iterable[str] = (DEFAULT_SERVICE_ACCOUNT,),
+        lifetime_seconds: int = 3600,
+        *,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.audience = audience
+        self._now = now
+        self.issuer = FakeOidcIssuer()
+        self.sts = FakeSts(self.issuer, audience, lifetime_seconds=lifetime_seconds, now=now)
+        self.iam = FakeIam(self.sts, set(service_accounts), lifetime_seconds=lifetime_seconds, now=now)
+        self._runners: list[web.AppRunner] = []
+        self._sts_base: str | None = None
+        self._iam_base: str | None = None
+
+    async def start(self) -> FakeGoogle:
+        """Bind both services; idempotent."""
+        if self._runners:
+            return self
+        try:
+            sts_runner, self._sts_base = await _serve(self.sts.app())
+            self._runners.append(sts_runner)
+            iam_runner, self._iam_base = await _serve(self.iam.app())
+            self._runners.append(iam_runner)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Stop serving; safe to call more than once."""
+        runners, self._runners = self._runners, []
+        for runner in reversed(runners):
+            await runner.cleanup()
+        self._sts_base = self._iam_base = None
+
+    async def __aenter__(self) -> FakeGoogle:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def token_url(self) -> str:
+        """The STS token endpoint, for ``token_url`` in an external_account config."""
+        return f"{self._started(self._sts_base)}/v1/token"
+
+    @property
+    def iam_base_url(self) -> str:
+        return self._started(self._iam_base)
+
+    def impersonation_url(self, email: str = DEFAULT_SERVICE_ACCOUNT) -> str:
+        """The ``service_account_impersonation_url`` for ``email``."""
+        return f"{self.iam_base_url}/v1/projects/-/serviceAccounts/{email}:generateAccessToken"
+
+    def subject_token(self, subject: str = DEFAULT_SUBJECT, lifetime_seconds: int = 3600) -> str:
+        """A subject token STS will accept, minted at the fakes' own ``now``."""
+        return self.issuer.mint(self.audience, subject, lifetime_seconds, now=self._now())
+
+    @staticmethod
+    def _started(base: str | None) -> str:
+        if base is None:
+            raise RuntimeError("FakeGoogle is not running; use 'async with' or await start() first")
+        return base
