@@ -18,15 +18,18 @@ from collections import deque
 from datetime import UTC, datetime
 
 REDACTED = "[REDACTED]"
+# A key followed by ":" or "=" (JSON, headers, query strings); the separator is
+# required so prose such as "access_token failed" is left alone.
+_SEP = r"""["']?\s*[:=]\s*["']?"""
 _PATTERNS = (
     re.compile(r"ya29\.[\w.\-]+"),
     re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"),  # JWTs: OIDC, ID tokens, Azure tokens
-    re.compile(r"(?i)(x-amz-security-token\W{1,4})[^\s'\",}&]+"),
-    re.compile(r"(?i)(authorization\W{1,4}(?:bearer\s+)?)[^\s'\",}&]+"),
+    re.compile(r"(?i)(x-amz-security-token" + _SEP + r")[^\s'\",}&]+"),
+    re.compile(r"(?i)(authorization" + _SEP + r"(?:bearer\s+)?)[^\s'\",}&]+"),
     re.compile(r"(?i)(signature=)[0-9a-f]{16,}"),
     re.compile(
-        r"(?i)((?:access_?token|subject_token|id_token|secretaccesskey|sessiontoken|client_assertion|\"token\")"
-        r"\W{1,4})[^\s'\",}&]+"
+        r"(?i)((?:access_?token|subject_token|id_token|secret_?access_?key|session_?token|client_assertion"
+        r"|\btoken)" + _SEP + r")[^\s'\",}&]+"
     ),
 )
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
