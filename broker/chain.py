@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from broker import iam, metrics, sts
+from broker import iam, logs, metrics, sts
 from broker.cache import Policy, TokenCache
 from broker.clock import Clock
 from broker.errors import BrokerError, Denied, Step, Transient
@@ -98,7 +98,9 @@ class TokenChain:
     # -- loaders -------------------------------------------------------------------
 
     async def _subject_token(self) -> str:
-        return await self._timed(Step.SUBJECT_TOKEN, self._source.subject_token)
+        subject = await self._timed(Step.SUBJECT_TOKEN, self._source.subject_token)
+        logs.remember_secret(subject)
+        return subject
 
     async def _exchange(self, scopes: ScopeSet) -> Token:
         subject = await self._subject_token()
@@ -155,7 +157,11 @@ class TokenChain:
         started = time.perf_counter()
         outcome = metrics.Outcome.OK
         try:
-            return await call()
+            result = await call()
+            if isinstance(result, Token):
+                # Exact-value redaction catches what no pattern can (opaque tokens).
+                logs.remember_secret(result.value)
+            return result
         except Denied as exc:
             outcome = metrics.Outcome.DENIED
             log.error("upstream denied", extra=_failure(step, exc))

@@ -7,12 +7,12 @@ step, the upstream's reason and the likely fix, and exits 1.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from broker import httpclient, iam, logs, sts
 from broker.chain import STS_SCOPES
+from broker.clock import SystemClock
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.sources import build_source
@@ -20,6 +20,7 @@ from broker.tokens import Token
 
 T = TypeVar("T")
 CHECK_AUDIENCE = "https://wif-broker.check.invalid"
+_CLOCK = SystemClock()
 
 
 def _say(line: str) -> None:
@@ -39,7 +40,7 @@ async def _step(name: str, call: Callable[[], Awaitable[T]]) -> T:
 
 
 def _expiry(token: Token) -> str:
-    return f"expires in {int(token.expires_at - time.time())}s"
+    return f"expires in {int(token.expires_at - _CLOCK.wall())}s"
 
 
 async def run_check(settings: Settings) -> int:
@@ -61,7 +62,7 @@ async def run_check(settings: Settings) -> int:
                 subject_token=subject,
                 subject_token_type=cred.subject_token_type,
                 scopes=scopes,
-                now=time.time(),
+                now=_CLOCK.wall(),
             ),
         )
         _say(f"ok    STS token exchange at {cred.token_url}: federated token {_expiry(federated)}")
@@ -108,5 +109,5 @@ def _describe_subject(subject: str) -> str:
     except ValueError:
         return "not a JWT"
     exp = claims.get("exp")
-    left = f", expires in {int(exp - time.time())}s" if isinstance(exp, int | float) else ""
+    left = f", expires in {int(exp - _CLOCK.wall())}s" if isinstance(exp, int | float) else ""
     return f"iss={claims.get('iss')} sub={claims.get('sub')} aud={claims.get('aud')}{left}"

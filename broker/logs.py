@@ -18,19 +18,17 @@ from collections import deque
 from datetime import UTC, datetime
 
 REDACTED = "[REDACTED]"
-# A key followed by ":" or "=" (JSON, headers, query strings); the separator is
-# required so prose such as "access_token failed" is left alone.
-_SEP = r"""["']?\s*[:=]\s*["']?"""
+_KEYS = r"access_?token|id_?token|subject_?token|token|secret_?access_?key|session_?token|client_assertion"
+# Anchored to syntax, never to prose: a JSON or Python-repr key, a form/query
+# "key=", a header line. "generateAccessToken: PERMISSION_DENIED" stays readable.
 _PATTERNS = (
     re.compile(r"ya29\.[\w.\-]+"),
     re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*"),  # JWTs: OIDC, ID tokens, Azure tokens
-    re.compile(r"(?i)(x-amz-security-token" + _SEP + r")[^\s'\",}&]+"),
-    re.compile(r"(?i)(authorization" + _SEP + r"(?:bearer\s+)?)[^\s'\",}&]+"),
+    re.compile(r"(?i)(\bbearer\s+)[\w.~+/-]+=*"),
+    re.compile(r"(?i)([\"'](?:" + _KEYS + r")[\"']\s*:\s*[\"'])[^\"']+"),
+    re.compile(r"(?i)((?<![\w-])(?:" + _KEYS + r")=)[^&\s\"']+"),
+    re.compile(r"(?i)([\"']?(?:authorization|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
     re.compile(r"(?i)(signature=)[0-9a-f]{16,}"),
-    re.compile(
-        r"(?i)((?:access_?token|subject_token|id_token|secret_?access_?key|session_?token|client_assertion"
-        r"|\btoken)" + _SEP + r")[^\s'\",}&]+"
-    ),
 )
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

@@ -1,0 +1,55 @@
+"""``wif-broker check`` as a real process against the fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from broker.fakes import FakeGoogle
+from tests.conftest import SA
+
+
+async def run_check(cred_file: Path) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "check",
+        "--credentials",
+        str(cred_file),
+        "--log-level",
+        "error",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_check_passes_and_shows_what_each_step_saw(google: FakeGoogle, cred_file: Path) -> None:
+    code, out, err = await run_check(cred_file)
+    assert code == 0, out + err
+    assert "ok    subject token (file): iss=https://oidc.fake.wif-broker.invalid" in out
+    assert "sub=system:serviceaccount:default:app" in out
+    assert "ok    STS token exchange" in out
+    assert f"ok    generateAccessToken for {SA}" in out
+    assert f"email={SA}" in out
+    issued = [*google.sts.issued, *google.iam.issued_access, *google.iam.issued_id]
+    assert issued
+    for token in issued:
+        assert token not in out
+        assert token not in err
+
+
+async def test_check_explains_an_iam_denial(google: FakeGoogle, cred_file: Path) -> None:
+    google.iam.service_accounts.clear()
+    code, out, _ = await run_check(cred_file)
+    assert code == 1
+    assert "ok    STS token exchange" in out
+    assert "FAIL  generateAccessToken: PERMISSION_DENIED" in out
+    assert "fix: grant roles/iam.workloadIdentityUser" in out
+    assert "add-iam-policy-binding" in out
