@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,8 @@ async def run_broker(resolved: settings.Settings, **kwargs: Any) -> AsyncIterato
         ready.set_result((metadata, admin))
 
     task = asyncio.create_task(daemon.serve(resolved, stop=stop, on_listening=on_listening, **kwargs))
-    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    pending: set[asyncio.Future[Any]] = {task, ready}
+    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # start-up failed: raise its error here
     metadata, admin = ready.result()
@@ -163,8 +164,8 @@ async def broker(make_settings: Callable[..., settings.Settings]) -> AsyncIterat
 
 
 @pytest.fixture
-def gcloud_config(tmp_path: Path) -> Iterator[Path]:
+def gcloud_config(tmp_path: Path) -> Path:
     # A fresh CLOUDSDK_CONFIG per test: gcloud caches "not on GCE" on disk.
     path = tmp_path / "gcloud"
     path.mkdir()
-    yield path
+    return path

@@ -69,7 +69,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if under and request.headers.get("Metadata-Flavor") != "Google":
         return error_response(403, 'Missing required header "Metadata-Flavor": "Google"')
     if request.method not in ("GET", "HEAD"):
-        return error_response(405, "Method Not Allowed")
+        response = error_response(405, "Method Not Allowed")
+        response.headers["Allow"] = "GET, HEAD"  # RFC 9110 §15.5.6: a 405 must say what is allowed
+        return response
     return await handler(request)
 
 
