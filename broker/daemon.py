@@ -44,7 +44,8 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         session = httpclient.new_session()
         stack.push_async_callback(session.close)
-        chain = TokenChain(settings, build_source(settings.cred, session), session, clock)
+        source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
+        chain = TokenChain(settings, source, session, clock)
         stack.push_async_callback(chain.close)
         admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
         await admin.setup()

@@ -103,6 +103,13 @@ STALE_SERVED = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+AWS_PROVIDER = Gauge(
+    "wif_broker_aws_credential_provider",
+    "1 for the botocore credential provider currently supplying AWS credentials "
+    "(env, assume-role-with-web-identity, container-role, iam-role, ...).",
+    ["method"],
+    registry=REGISTRY,
+)
 CACHED_TOKENS = Gauge("wif_broker_cached_tokens", "Tokens held per kind.", ["kind"], registry=REGISTRY)
 
 for _kind in Kind:

@@ -44,6 +44,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("source", "str", "auto", "file-less mode: auto | aws | azure | file:PATH | url:URL"),
     Spec("token-url", "str", None, "override the STS token endpoint (full URL)"),
     Spec("iam-endpoint", "str", None, "override the IAM Credentials base URL"),
+    Spec("aws-credentials", "str", "chain", "chain (botocore: env, IRSA, ECS/Pod Identity, IMDS) | strict"),
     Spec("azure-resource", "str", None, "Entra application ID URI for source = azure"),
     Spec("listen", "list", ("127.0.0.1:8988",), "metadata server address (repeatable)"),
     Spec("admin-listen", "str", "0.0.0.0:8989", "address of /healthz, /readyz, /metrics"),
@@ -84,6 +85,7 @@ class Settings:
     min_serve_ttl: int
     log_level: str
     log_format: str
+    aws_strict: bool
     instance_name: str
     instance_id: str
 
@@ -281,6 +283,8 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
         raise ConfigError("refresh-before", f"must be greater than min-serve-ttl ({min_ttl})")
     if values["log-level"] not in ("debug", "info", "warning", "error"):
         raise ConfigError("log-level", f"{values['log-level']!r} is not debug, info, warning or error")
+    if values["aws-credentials"] not in ("chain", "strict"):
+        raise ConfigError("aws-credentials", f"{values['aws-credentials']!r} is not chain or strict")
     if values["log-format"] not in ("json", "text"):
         raise ConfigError("log-format", f"{values['log-format']!r} is not json or text")
     host = socket.gethostname()
@@ -299,6 +303,7 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
         min_serve_ttl=min_ttl,
         log_level=values["log-level"],
         log_format=values["log-format"],
+        aws_strict=values["aws-credentials"] == "strict",
         instance_name=host,
         # A stable 19-digit id: clients only require digits (Go InstanceID, .NET).
         instance_id=str(int(hashlib.sha256(host.encode()).hexdigest()[:15], 16) % 10**19).rjust(19, "1"),

@@ -7,6 +7,8 @@ configuration to an implementation.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Protocol
 
 import aiohttp
@@ -23,7 +25,14 @@ class SubjectTokenSource(Protocol):
         ...
 
 
-def build_source(cred: CredentialConfig, session: aiohttp.ClientSession) -> SubjectTokenSource:
+def build_source(
+    cred: CredentialConfig,
+    session: aiohttp.ClientSession,
+    *,
+    environ: Mapping[str, str] | None = None,
+    aws_strict: bool = False,
+) -> SubjectTokenSource:
+    # Cloud SDKs are imported only for the source in use: start-up time and RSS.
     from broker.sources.file import FileTokenSource
     from broker.sources.url import UrlTokenSource
 
@@ -33,7 +42,10 @@ def build_source(cred: CredentialConfig, session: aiohttp.ClientSession) -> Subj
     if isinstance(source, UrlSource):
         return UrlTokenSource(source, session)
     if isinstance(source, AwsSource):
-        raise ConfigError("source", "the aws source is not available in this build yet")
+        from broker.sources.aws import AwsTokenSource
+
+        env = os.environ if environ is None else environ
+        return AwsTokenSource(source, cred.audience, session, env, strict=aws_strict)
     if isinstance(source, AzureSource):
         raise ConfigError("source", "the azure source is not available in this build yet")
     raise ConfigError("credential_source", "unsupported")

@@ -1,0 +1,138 @@
+"""AWS credentials and region via botocore, off the event loop.
+
+Default: botocore's full credential chain — env, EKS IRSA (web identity), the
+container provider (ECS task role, ``…_FULL_URI`` + authorization token file =
+EKS Pod Identity), then EC2 IMDSv2. google-auth reads only env and IMDS, which is
+why the same config fails on ECS and EKS (token-chain.md §D.6-D.7). ``strict``
+keeps google-auth's behaviour: env, else IMDS at the file's URL.
+
+Every function here blocks; callers run them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+import botocore.utils
+
+from broker.errors import Step, Transient
+
+# Regular and GovCloud/China region names at the start of an AZ or Local Zone
+# name: "us-east-2b" → "us-east-2", "us-west-2-lax-1a" → "us-west-2".
+_REGION_PREFIX = re.compile(r"^([a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d+)")
+TRIED = "env, web identity (EKS IRSA), container (ECS task role / EKS Pod Identity), EC2 instance metadata"
+HOP_LIMIT_FIX = (
+    "if this runs in a container on EC2, IMDSv2 needs a hop limit of 2: "
+    "aws ec2 modify-instance-metadata-options --instance-id ID --http-put-response-hop-limit 2"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenCredentials:
+    access_key: str
+    secret_key: str
+    token: str | None
+    method: str  # botocore's provider name: env, iam-role, container-role, ...
+
+    def __repr__(self) -> str:
+        return f"FrozenCredentials(access_key={self.access_key[:4]}…, method={self.method})"
+
+
+class CredentialChain:
+    """Resolves once, then lets botocore's RefreshableCredentials rotate keys."""
+
+    def __init__(self, strict_imds_url: str | None) -> None:
+        self._session = botocore.session.get_session()
+        self._strict_imds_url = strict_imds_url
+        self._credentials: botocore.credentials.Credentials | None = None
+
+    def frozen(self) -> FrozenCredentials:
+        try:
+            if self._credentials is None:
+                self._credentials = self._resolve()
+            if self._credentials is None:
+                tried = "env, EC2 instance metadata" if self._strict_imds_url else TRIED
+                raise Transient(
+                    Step.AWS,
+                    f"no AWS credentials found; tried {tried}",
+                    fix="run with an IAM role (task role, IRSA, Pod Identity or instance profile)",
+                )
+            creds = self._credentials.get_frozen_credentials()
+        except botocore.exceptions.BotoCoreError as exc:
+            self._credentials = None  # start over next time: the environment may have changed
+            raise _classify(exc) from None
+        method = getattr(self._credentials, "method", "unknown")
+        return FrozenCredentials(creds.access_key or "", creds.secret_key or "", creds.token, method)
+
+    def _resolve(self) -> botocore.credentials.Credentials | None:
+        if self._strict_imds_url is None:
+            return self._session.get_credentials()
+        parts = urlsplit(self._strict_imds_url)
+        fetcher = botocore.utils.InstanceMetadataFetcher(
+            base_url=f"{parts.scheme}://{parts.netloc}/", timeout=2, num_attempts=2
+        )
+        resolver = botocore.credentials.CredentialResolver(
+            [botocore.credentials.EnvProvider(), botocore.credentials.InstanceMetadataProvider(fetcher)]
+        )
+        creds: botocore.credentials.Credentials | None = resolver.load_credentials()
+        return creds
+
+
+class _RegionFetcher(botocore.utils.IMDSFetcher):
+    """botocore's IMDS plumbing (v2 token, endpoint env, retries) for two paths.
+
+    botocore's own region fetcher strips the zone's last letter, which breaks
+    Local Zones (``us-west-2-lax-1a``); ``placement/region`` is asked first.
+    """
+
+    def region(self) -> str | None:
+        fetcher: Any = self  # the helpers used here are untyped in botocore-stubs
+        token = fetcher._fetch_metadata_token()
+        for path, from_zone in (
+            ("latest/meta-data/placement/region", False),
+            ("latest/meta-data/placement/availability-zone", True),
+        ):
+            try:
+                text: str = fetcher._get_request(path, fetcher._default_retry, token).text.strip()
+            except fetcher._RETRIES_EXCEEDED_ERROR_CLS:
+                continue
+            if text:
+                return region_from_zone(text) if from_zone else text
+        return None
+
+
+def region_from_zone(zone: str) -> str:
+    match = _REGION_PREFIX.match(zone)
+    return match.group(1) if match else zone[:-1]
+
+
+def imds_region(environ: Mapping[str, str]) -> str | None:
+    """Region from EC2 IMDS (``placement/region``, else the zone), honouring botocore's env."""
+    session = botocore.session.get_session()
+    config: dict[str, Any] = {
+        "ec2_metadata_service_endpoint": session.get_config_variable("ec2_metadata_service_endpoint"),
+        "ec2_metadata_service_endpoint_mode": botocore.utils.resolve_imds_endpoint_mode(session),
+    }
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        return None
+    try:
+        return _RegionFetcher(timeout=1, num_attempts=1, config=config).region()
+    except botocore.exceptions.BotoCoreError:
+        return None
+
+
+def _classify(exc: botocore.exceptions.BotoCoreError) -> Transient:
+    name = type(exc).__name__
+    text = str(exc)
+    if isinstance(exc, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError):
+        return Transient(Step.AWS, f"timed out fetching AWS credentials ({name})", fix=HOP_LIMIT_FIX)
+    if "expired" in text.lower():
+        return Transient(Step.AWS, f"AWS credentials expired and could not be refreshed ({name})")
+    return Transient(Step.AWS, f"cannot obtain AWS credentials: {name}: {text[:300]}")
