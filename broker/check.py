@@ -16,7 +16,7 @@ from broker.clock import SystemClock
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.sources import build_source
-from broker.tokens import Token
+from broker.tokens import Token, unverified_claims
 
 T = TypeVar("T")
 CHECK_AUDIENCE = "https://wif-broker.check.invalid"
@@ -50,8 +50,15 @@ async def run_check(settings: Settings) -> int:
     session = httpclient.new_session()
     try:
         source = build_source(cred, session)
+        seen = await _step("native identity", source.describe)
+        _say(
+            f"ok    native identity ({source.kind}): "
+            + " ".join(f"{k}={v}" for k, v in seen.items() if k != "bind")
+        )
+        if "bind" in seen:
+            _say(f"      bind roles/iam.workloadIdentityUser to: {seen['bind']}")
         subject = await _step("subject token", source.subject_token)
-        _say(f"ok    subject token ({source.kind}): {_describe_subject(subject)}")
+        _say(f"ok    subject token ({source.kind}) obtained")
         scopes = STS_SCOPES if settings.impersonating else settings.scopes
         federated = await _step(
             "STS token exchange",
@@ -92,7 +99,7 @@ async def run_check(settings: Settings) -> int:
                 quota_project=cred.quota_project_id,
             ),
         )
-        claims = iam.unverified_claims(id_token.value)
+        claims = unverified_claims(id_token.value)
         _say(
             f"ok    generateIdToken: aud={claims.get('aud')} email={claims.get('email')} {_expiry(id_token)}"
         )
@@ -101,13 +108,3 @@ async def run_check(settings: Settings) -> int:
         return 1
     finally:
         await session.close()
-
-
-def _describe_subject(subject: str) -> str:
-    try:
-        claims = iam.unverified_claims(subject)
-    except ValueError:
-        return "not a JWT"
-    exp = claims.get("exp")
-    left = f", expires in {int(exp - _CLOCK.wall())}s" if isinstance(exp, int | float) else ""
-    return f"iss={claims.get('iss')} sub={claims.get('sub')} aud={claims.get('aud')}{left}"

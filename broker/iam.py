@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 import aiohttp
-from google.auth import jwt
 
-from broker import httpclient
+from broker import httpclient, tokens
 from broker.errors import Step, Transient
 from broker.tokens import ScopeSet, Token, TokenKind
 
@@ -78,19 +76,11 @@ async def generate_id_token(
     try:
         value = reply.json()["token"]
         # No expiry field: read exp from the JWT, unverified, as google-auth does.
-        claims = unverified_claims(value)
+        claims = tokens.unverified_claims(value)
         expires_at = float(claims["exp"])
     except (ValueError, KeyError, TypeError):
         raise Transient(Step.IAM_ID, "response is not an ID token", upstream_status=200) from None
     return Token(TokenKind.ID, value, expires_at)
-
-
-def unverified_claims(token: str) -> dict[str, Any]:
-    """JWT claims without signature checks: only to read exp, aud, email, iss."""
-    claims = jwt.decode(token, verify=False)  # type: ignore[no-untyped-call]
-    if not isinstance(claims, dict):
-        raise ValueError("JWT payload is not an object")
-    return claims
 
 
 def _parse_rfc3339(text: str) -> float:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
+
+from google.auth import jwt
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -69,3 +72,11 @@ class FederatedKey:
     """
 
     scopes: ScopeSet
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """JWT claims without signature checks: only to read exp, aud, email, iss."""
+    claims = jwt.decode(token, verify=False)  # type: ignore[no-untyped-call]
+    if not isinstance(claims, dict):
+        raise ValueError("JWT payload is not an object")
+    return claims

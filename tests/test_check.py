@@ -33,7 +33,8 @@ async def run_check(cred_file: Path) -> tuple[int, str, str]:
 async def test_check_passes_and_shows_what_each_step_saw(google: FakeGoogle, cred_file: Path) -> None:
     code, out, err = await run_check(cred_file)
     assert code == 0, out + err
-    assert "ok    subject token (file): iss=https://oidc.fake.wif-broker.invalid" in out
+    assert "ok    native identity (file): path=" in out
+    assert "iss=https://oidc.fake.wif-broker.invalid" in out
     assert "sub=system:serviceaccount:default:app" in out
     assert "ok    STS token exchange" in out
     assert f"ok    generateAccessToken for {SA}" in out

@@ -24,6 +24,10 @@ class SubjectTokenSource(Protocol):
         """Fetch a fresh subject token; never cached across exchanges."""
         ...
 
+    async def describe(self) -> dict[str, str]:
+        """What this identity looks like to Google (claims, principal), never a token."""
+        ...
+
 
 def build_source(
     cred: CredentialConfig,

@@ -24,7 +24,14 @@ from botocore.credentials import ReadOnlyCredentials
 from broker import httpclient, metrics
 from broker.credconfig import AwsSource
 from broker.errors import BrokerError, Step, Transient
-from broker.sources.awscreds import CredentialChain, FrozenCredentials, imds_region, region_from_zone
+from broker.sources.awscreds import (
+    CredentialChain,
+    FrozenCredentials,
+    caller_arn,
+    imds_region,
+    principal_member,
+    region_from_zone,
+)
 
 TIMEOUT = aiohttp.ClientTimeout(total=5, connect=2)
 
@@ -74,6 +81,20 @@ class AwsTokenSource:
         creds = await self._credentials()
         url = self._source.regional_cred_verification_url.replace("{region}", region)
         return signed_subject_token(creds, region, url, self._audience)
+
+    async def describe(self) -> dict[str, str]:
+        region = await self.region()
+        creds = await self._credentials()
+        try:
+            arn = await asyncio.to_thread(caller_arn, creds, region)
+        except BrokerError as exc:
+            return {"region": region, "provider": creds.method, "principal": f"unknown ({exc.reason})"}
+        return {
+            "region": region,
+            "provider": creds.method,
+            "principal": arn,
+            "bind": principal_member(arn, self._audience),
+        }
 
     async def _credentials(self) -> FrozenCredentials:
         started = time.perf_counter()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import botocore.config
 import botocore.credentials
 import botocore.exceptions
 import botocore.session
@@ -126,6 +127,40 @@ def imds_region(environ: Mapping[str, str]) -> str | None:
         return _RegionFetcher(timeout=1, num_attempts=1, config=config).region()
     except botocore.exceptions.BotoCoreError:
         return None
+
+
+def caller_arn(creds: FrozenCredentials, region: str) -> str:
+    """The principal AWS sees (GetCallerIdentity), e.g. an assumed-role ARN."""
+    client = botocore.session.get_session().create_client(
+        "sts",
+        region_name=region,
+        aws_access_key_id=creds.access_key,
+        aws_secret_access_key=creds.secret_key,
+        aws_session_token=creds.token,
+        config=botocore.config.Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2}),
+    )
+    sts: Any = client  # botocore-stubs types service methods only for boto3 clients
+    try:
+        arn: str = sts.get_caller_identity()["Arn"]
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise Transient(Step.AWS, f"GetCallerIdentity failed: {type(exc).__name__}") from None
+    return arn
+
+
+_ASSUMED_ROLE = re.compile(r"^(arn:aws[\w-]*:sts::\d+:assumed-role/[^/]+)/.+$")
+
+
+def principal_member(arn: str, audience: str) -> str:
+    """The IAM member to grant roles/iam.workloadIdentityUser for this AWS principal.
+
+    Google's default AWS mapping sets attribute.aws_role to the assumed-role ARN
+    without the session name; anything else maps by subject (the full ARN).
+    """
+    pool = audience.removeprefix("//").split("/providers/")[0]
+    match = _ASSUMED_ROLE.match(arn)
+    if match:
+        return f"principalSet://{pool}/attribute.aws_role/{match.group(1)}"
+    return f"principal://{pool}/subject/{arn}"
 
 
 def _classify(exc: botocore.exceptions.BotoCoreError) -> Transient:

@@ -6,6 +6,20 @@ import json
 
 from broker.credconfig import TokenFormat
 from broker.errors import Step, Transient
+from broker.tokens import unverified_claims
+
+
+def describe_jwt(token: str) -> dict[str, str]:
+    """The claims a provider is configured against: iss, sub, aud, and time left."""
+    try:
+        claims = unverified_claims(token)
+    except ValueError:
+        return {"format": "not a JWT"}
+    described = {key: str(claims.get(key, "")) for key in ("iss", "sub", "aud")}
+    exp = claims.get("exp")
+    if isinstance(exp, int | float):
+        described["exp"] = str(int(exp))
+    return described
 
 
 def extract(raw: bytes, fmt: TokenFormat, where: str) -> str:

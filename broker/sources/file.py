@@ -12,7 +12,7 @@ from pathlib import Path
 
 from broker.credconfig import FileSource
 from broker.errors import Step, Transient
-from broker.sources.extract import extract
+from broker.sources.extract import describe_jwt, extract
 
 MAX_FILE = 1 << 20
 
@@ -36,6 +36,9 @@ class FileTokenSource:
         except OSError as exc:
             raise Transient(Step.SUBJECT_TOKEN, f"cannot read token file {path}: {exc.strerror}") from None
         return extract(raw, self._source.format, f"token file {path}")
+
+    async def describe(self) -> dict[str, str]:
+        return {"path": self._source.path, **describe_jwt(await self.subject_token())}
 
 
 def _read(path: str) -> bytes:

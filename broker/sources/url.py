@@ -7,7 +7,7 @@ import aiohttp
 from broker import httpclient
 from broker.credconfig import UrlSource
 from broker.errors import Step
-from broker.sources.extract import extract
+from broker.sources.extract import describe_jwt, extract
 
 TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
 _FIXES = {
@@ -42,3 +42,6 @@ class UrlTokenSource:
             transient = httpclient.TRANSIENT_STATUSES | {404, 410}
             raise httpclient.upstream_error(Step.SUBJECT_TOKEN, reply, _FIXES, transient)
         return extract(reply.body, self._source.format, f"response of {self._source.url.split('?')[0]}")
+
+    async def describe(self) -> dict[str, str]:
+        return {"url": self._source.url.split("?")[0], **describe_jwt(await self.subject_token())}
