@@ -59,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from broker.demo import run_demo
 
-            logs.setup_logging(flags.get("log_level") or "info", flags.get("log_format") or "text")
+            level, fmt = flags.get("log_level") or "info", flags.get("log_format") or "text"
+            # Logging starts before settings are built: a bad level must exit 2, not raise.
+            settings.check_logging(level, fmt)
+            logs.setup_logging(level, fmt)
             return asyncio.run(run_demo(flags))
         if args.command == "env":
             # Only the listen address matters here; no credentials needed.

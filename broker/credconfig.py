@@ -105,9 +105,15 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 def check_url(name: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(name, f"{value!r} is not an http(s) URL")
+    problem = f"{value!r} is not an http(s) URL"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # urlsplit defers port (and some bracket) errors until asked
+    except ValueError:
+        # e.g. "http://[bad" or "https://host:99999": must be a ConfigError, not a traceback
+        raise ConfigError(name, problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        raise ConfigError(name, problem)
     return value
 
 

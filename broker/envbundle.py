@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from broker.settings import Address
 
@@ -12,6 +13,7 @@ FORMATS = ("sh", "k8s", "ecs")
 def bundle(address: Address) -> dict[str, str]:
     host = "127.0.0.1" if address.host in ("0.0.0.0", "::", "") else address.host
     target = str(Address(host, address.port))
+    no_proxy = f"{host},localhost,metadata.google.internal,169.254.169.254"
     return {
         # Python/Go/Node/Java/.NET data calls; Go treats it as "on GCE".
         "GCE_METADATA_HOST": target,
@@ -22,14 +24,17 @@ def bundle(address: Address) -> dict[str, str]:
         # gax-dotnet's fallback.
         "METADATA_EMULATOR_HOST": target,
         # A proxy hop would add X-Forwarded-For, which the broker refuses.
-        "NO_PROXY": f"{host},localhost,metadata.google.internal,169.254.169.254",
+        "NO_PROXY": no_proxy,
+        # wget and some HTTP libraries read only the lowercase name.
+        "no_proxy": no_proxy,
     }
 
 
 def render(address: Address, fmt: str) -> str:
     env = bundle(address)
     if fmt == "sh":
-        return "".join(f"export {k}={v}\n" for k, v in env.items())
+        # Quoted: an IPv6 address in brackets is a glob pattern to the shell.
+        return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     if fmt == "k8s":
         return "env:\n" + "".join(f"- name: {k}\n  value: {json.dumps(v)}\n" for k, v in env.items())
     return json.dumps([{"name": k, "value": v} for k, v in env.items()], indent=2) + "\n"

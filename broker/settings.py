@@ -8,12 +8,13 @@ credential file), which the CLI prints as one line before exiting 2.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ JWT = "urn:ietf:params:oauth:token-type:jwt"
 K8S_TOKEN_PATHS = ("/var/run/service-account/token", "/var/run/secrets/tokens/gcp-token")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _SA_PROJECT = re.compile(r"^[^@]+@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +108,34 @@ class Settings:
 
 def parse_address(name: str, value: str) -> Address:
     host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(name, f"{value!r} is not HOST:PORT")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    # ASCII digits (int() rejects "²"); a bad host is refused now, not by a half-started listener.
+    if not (sep and port.isascii() and port.isdigit() and int(port) <= 65535 and _host_ok(host, bracketed)):
+        raise ConfigError(name, f"{value!r} is not HOST:PORT (an IPv6 host in brackets: [::1]:8988)")
     return Address(host, int(port))
+
+
+def _host_ok(host: str, bracketed: bool) -> bool:
+    try:
+        return (ipaddress.ip_address(host).version == 6) == bracketed
+    except ValueError:  # a name, then: not "999.1.1.1", not "bad host"
+        return not bracketed and bool(_HOSTNAME.match(host)) and not host.replace(".", "").isdigit()
+
+
+def check_logging(level: str, fmt: str) -> None:
+    """Validate the two log settings (``demo`` sets up logging before it builds settings)."""
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log-level", f"{level!r} is not debug, info, warning or error")
+    if fmt not in ("json", "text"):
+        raise ConfigError("log-format", f"{fmt!r} is not json or text")
 
 
 def _coerce(spec: Spec, raw: Any, origin: str) -> str | int | tuple[str, ...]:
     if spec.kind == "int":
         text = str(raw).strip()
         text = text[:-1] if text.endswith("s") else text
-        if isinstance(raw, bool) or not text.isdigit():
+        if isinstance(raw, bool) or not (text.isascii() and text.isdigit()):
             raise ConfigError(spec.name, f"{raw!r} ({origin}) is not a whole number of seconds")
         return int(text)
     if spec.kind == "list":
@@ -132,12 +151,11 @@ def _coerce(spec: Spec, raw: Any, origin: str) -> str | int | tuple[str, ...]:
 
 def _read_toml(path: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config", f"file {path!r} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("config", f"cannot read {path!r}: {exc}") from None
-    return {key.replace("_", "-"): value for key, value in data.items()}
 
 
 def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -148,10 +166,13 @@ def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, A
             if name not in NAMES and name != "config":
                 raise ConfigError(key, "unknown setting")
     config_path = flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
-    toml = _read_toml(config_path) if config_path else {}
-    for key in toml:
-        if key not in NAMES:
+    toml: dict[str, Any] = {}
+    for key, value in (_read_toml(config_path) if config_path else {}).items():
+        name = key.replace("_", "-")  # TOML may spell names with "_" or "-"
+        if name not in NAMES:
+            # Named as written, so the operator can find it in the file.
             raise ConfigError(key, f"unknown setting in {config_path}")
+        toml[name] = value
     values: dict[str, Any] = {}
     for spec in SPECS:
         env_key = ENV_PREFIX + spec.name.upper().replace("-", "_")
@@ -191,13 +212,8 @@ def _fileless(values: dict[str, Any], environ: Mapping[str, str]) -> CredentialC
         source = AzureSource(resource)
     else:
         raise ConfigError("source", f"{source_text!r} is not auto, aws, azure, file:PATH or url:URL")
-    info: dict[str, Any] = {
-        "type": "external_account",
-        "audience": audience,
-        "subject_token_type": token_type,
-        "credential_source": {"file": "-"},
-    }
-    base = credconfig.parse(info)
+    info = {"type": "external_account", "audience": audience, "subject_token_type": token_type}
+    base = credconfig.parse({**info, "credential_source": {"file": "-"}})  # checks the audience
     return CredentialConfig(
         audience=base.audience,
         subject_token_type=token_type,
@@ -243,6 +259,9 @@ def _credential_config(values: dict[str, Any], environ: Mapping[str, str]) -> Cr
 
 
 def _impersonation(values: dict[str, Any], cred: CredentialConfig) -> tuple[str, str, str]:
+    endpoint = values["iam-endpoint"]
+    # Checked even without impersonation: a malformed setting is an error even where unused.
+    base = credconfig.check_url("iam-endpoint", endpoint).rstrip("/") if endpoint else ""
     email = values["service-account"] or cred.service_account_email
     if values["service-account"] and cred.service_account_email and email != cred.service_account_email:
         raise ConfigError("service-account", "differs from the credential file's impersonation URL")
@@ -250,9 +269,7 @@ def _impersonation(values: dict[str, Any], cred: CredentialConfig) -> tuple[str,
         return "", "", ""
     if "@" not in email:
         raise ConfigError("service-account", f"{email!r} is not a service account email")
-    endpoint = values["iam-endpoint"]
-    if endpoint:
-        base = credconfig.check_url("iam-endpoint", endpoint).rstrip("/")
+    if base:
         access = f"{base}/v1/projects/-/serviceAccounts/{email}:generateAccessToken"
     else:
         access = cred.impersonation_url or (
@@ -267,7 +284,7 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
     values = collect(flags, env)
     cred = _credential_config(values, env)
     if values["token-url"]:
-        cred = _replace_token_url(cred, credconfig.check_url("token-url", values["token-url"]))
+        cred = replace(cred, token_url=credconfig.check_url("token-url", values["token-url"]))
     email, access_url, id_url = _impersonation(values, cred)
     project_id = values["project-id"] or _project_from_email(email)
     if not project_id:
@@ -281,12 +298,9 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
     refresh_before, min_ttl = values["refresh-before"], values["min-serve-ttl"]
     if refresh_before <= min_ttl:
         raise ConfigError("refresh-before", f"must be greater than min-serve-ttl ({min_ttl})")
-    if values["log-level"] not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log-level", f"{values['log-level']!r} is not debug, info, warning or error")
+    check_logging(values["log-level"], values["log-format"])
     if values["aws-credentials"] not in ("chain", "strict"):
         raise ConfigError("aws-credentials", f"{values['aws-credentials']!r} is not chain or strict")
-    if values["log-format"] not in ("json", "text"):
-        raise ConfigError("log-format", f"{values['log-format']!r} is not json or text")
     host = socket.gethostname()
     return Settings(
         cred=cred,
@@ -308,12 +322,6 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
         # A stable 19-digit id: clients only require digits (Go InstanceID, .NET).
         instance_id=str(int(hashlib.sha256(host.encode()).hexdigest()[:15], 16) % 10**19).rjust(19, "1"),
     )
-
-
-def _replace_token_url(cred: CredentialConfig, url: str) -> CredentialConfig:
-    from dataclasses import replace
-
-    return replace(cred, token_url=url)
 
 
 def _project_from_email(email: str) -> str:
