@@ -13,15 +13,29 @@ from types import TracebackType
 
 from aiohttp import web
 
+from broker.fakes.aws import (
+    AwsCredentials,
+    FakeAws,
+    FakeAwsAccount,
+    FakeAwsSts,
+    FakeEcsCredentials,
+    FakeImds,
+)
 from broker.fakes.google import FakeIam, FakeSts, IssuedToken, Recorded
 from broker.fakes.oidc import DEFAULT_SUBJECT, FakeGoogleSigner, FakeOidcIssuer
 
 __all__ = [
     "DEFAULT_AUDIENCE",
     "DEFAULT_SERVICE_ACCOUNT",
+    "AwsCredentials",
+    "FakeAws",
+    "FakeAwsAccount",
+    "FakeAwsSts",
+    "FakeEcsCredentials",
     "FakeGoogle",
     "FakeGoogleSigner",
     "FakeIam",
+    "FakeImds",
     "FakeOidcIssuer",
     "FakeSts",
     "IssuedToken",

@@ -18,6 +18,8 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from broker.fakes._service import FakeService, media_type, oauth_error, recorded
+from broker.fakes.aws_account import FakeAwsAccount
+from broker.fakes.aws_sigv4 import AWS4_REQUEST_TYPE, AwsSubjectRejected, verify_aws_subject_token
 from broker.fakes.oidc import FakeOidcIssuer
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -64,7 +66,13 @@ def _decode_options(raw: str) -> dict[str, Any]:
 
 
 class FakeSts(FakeService):
-    """Google STS for one workload identity provider."""
+    """Google STS for one workload identity provider.
+
+    With an ``aws_account`` (passed in or assigned later) the provider is an AWS
+    one too: it accepts ``aws4_request`` subject tokens and verifies their SigV4
+    signature against the keys that account issued. Without one, that subject
+    token type is rejected as unsupported.
+    """
 
     def __init__(
         self,
@@ -74,6 +82,7 @@ class FakeSts(FakeService):
         allowed_audiences: list[str] | None = None,
         lifetime_seconds: int = 3600,
         now: Callable[[], float] = time.time,
+        aws_account: FakeAwsAccount | None = None,
     ) -> None:
         super().__init__(lifetime_seconds=lifetime_seconds, now=now)
         self.issuer = issuer
@@ -87,6 +96,20 @@ class FakeSts(FakeService):
         self._subject_validators: dict[str, Callable[[str], dict[str, Any]]] = dict.fromkeys(
             JWT_SUBJECT_TYPES, self._jwt_claims
         )
+        self.aws_account = aws_account
+
+    @property
+    def aws_account(self) -> FakeAwsAccount | None:
+        """The AWS account whose keys may sign subject tokens; setting it enables ``aws4_request``."""
+        return self._aws_account
+
+    @aws_account.setter
+    def aws_account(self, account: FakeAwsAccount | None) -> None:
+        self._aws_account = account
+        if account is None:
+            self._subject_validators.pop(AWS4_REQUEST_TYPE, None)
+        else:
+            self._subject_validators[AWS4_REQUEST_TYPE] = self._aws_claims
 
     def lookup(self, token: str) -> IssuedToken | None:
         """The issued token with this value, if it is still live."""
@@ -177,3 +200,20 @@ class FakeSts(FakeService):
                 "invalid_grant", f"The audience in ID Token [{shown}] does not match the expected audience."
             )
         return claims
+
+    def _aws_claims(self, token: str) -> dict[str, Any]:
+        """Verify a signed GetCallerIdentity (token-chain.md D.4); the subject is the caller's ARN."""
+        if self._aws_account is None:
+            raise _Rejected(
+                "invalid_request", f'Invalid value for "subject_token_type": {AWS4_REQUEST_TYPE!r}.'
+            )
+        try:
+            creds = verify_aws_subject_token(
+                token,
+                audiences=(self.audience, "https:" + self.audience),
+                lookup=self._aws_account.lookup,
+                now=self.now(),
+            )
+        except AwsSubjectRejected as exc:
+            raise _Rejected(exc.error, exc.description) from None
+        return {"sub": creds.arn, "access_key_id": creds.access_key_id}

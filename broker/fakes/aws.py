@@ -1,0 +1,152 @@
+"""Offline stand-ins for the AWS credential sources the broker signs with, under one import.
+
+``FakeAws`` serves FakeImds, FakeEcsCredentials and FakeAwsSts for one
+FakeAwsAccount on loopback ports, and hands out the environment that points
+botocore at each of them. Give the same account to ``FakeSts(aws_account=…)``
+(or set ``google.sts.aws_account``) so Google's side can verify what was signed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from aiohttp import web
+
+from broker.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
+from broker.fakes.aws_metadata import FakeEcsCredentials, FakeImds
+from broker.fakes.aws_sigv4 import (
+    AWS4_REQUEST_TYPE,
+    AwsSubjectRejected,
+    SignedRequest,
+    parse_aws_subject_token,
+    sigv4_signature,
+    verify_aws_subject_token,
+)
+from broker.fakes.aws_sts import FakeAwsSts
+from broker.fakes.oidc import FakeOidcIssuer
+
+__all__ = [
+    "AWS4_REQUEST_TYPE",
+    "ISOLATED_ENV",
+    "AwsCredentials",
+    "AwsSubjectRejected",
+    "FakeAws",
+    "FakeAwsAccount",
+    "FakeAwsSts",
+    "FakeEcsCredentials",
+    "FakeImds",
+    "SignedRequest",
+    "iso8601",
+    "parse_aws_subject_token",
+    "sigv4_signature",
+    "verify_aws_subject_token",
+]
+
+# Keeps the host's ~/.aws out of botocore; clear the other AWS_* variables as well.
+ISOLATED_ENV = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, f"http://{host}:{port}"
+
+
+class FakeAws:
+    """Account + IMDS + container endpoint + STS on 127.0.0.1 ephemeral ports.
+
+    Use as ``async with FakeAws() as aws:``. ``pod_identity_token`` makes the
+    container endpoint demand that raw ``Authorization`` value (EKS Pod Identity).
+    """
+
+    def __init__(
+        self,
+        account: FakeAwsAccount | None = None,
+        *,
+        pod_identity_token: str | None = None,
+        issuer: FakeOidcIssuer | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.account = account if account is not None else FakeAwsAccount(now=now)
+        self.imds = FakeImds(self.account, now=now)
+        self.container = FakeEcsCredentials(self.account, authorization=pod_identity_token, now=now)
+        self.sts = FakeAwsSts(self.account, issuer=issuer, now=now)
+        self._runners: list[web.AppRunner] = []
+        self._bases: dict[str, str] = {}
+
+    async def start(self) -> FakeAws:
+        """Bind all three services; idempotent."""
+        if self._runners:
+            return self
+        try:
+            for name, service in (("imds", self.imds), ("container", self.container), ("sts", self.sts)):
+                runner, self._bases[name] = await _serve(service.app())
+                self._runners.append(runner)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Stop serving; safe to call more than once."""
+        runners, self._runners = self._runners, []
+        for runner in reversed(runners):
+            await runner.cleanup()
+        self._bases.clear()
+
+    async def __aenter__(self) -> FakeAws:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _base(self, name: str) -> str:
+        if name not in self._bases:
+            raise RuntimeError("FakeAws is not running; use 'async with' or await start() first")
+        return self._bases[name]
+
+    @property
+    def imds_url(self) -> str:
+        """``http://127.0.0.1:PORT/``, for ``AWS_EC2_METADATA_SERVICE_ENDPOINT``."""
+        return self._base("imds") + "/"
+
+    @property
+    def container_url(self) -> str:
+        """The full credential URI, for ``AWS_CONTAINER_CREDENTIALS_FULL_URI``."""
+        return self._base("container") + self.container.path
+
+    @property
+    def sts_url(self) -> str:
+        """``http://127.0.0.1:PORT``, for ``AWS_ENDPOINT_URL_STS``."""
+        return self._base("sts")
+
+    def imds_env(self) -> dict[str, str]:
+        return {**ISOLATED_ENV, "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_url}
+
+    def container_env(self, authorization_token_file: str | None = None) -> dict[str, str]:
+        env = {**ISOLATED_ENV, "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.container_url}
+        if authorization_token_file is not None:
+            env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"] = authorization_token_file
+        return env
+
+    def web_identity_env(self, web_identity_token_file: str, region: str = "us-east-2") -> dict[str, str]:
+        return {
+            **ISOLATED_ENV,
+            "AWS_ROLE_ARN": self.account.role_arn,
+            "AWS_WEB_IDENTITY_TOKEN_FILE": web_identity_token_file,
+            "AWS_ENDPOINT_URL_STS": self.sts_url,
+            "AWS_DEFAULT_REGION": region,
+        }
