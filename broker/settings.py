@@ -18,14 +18,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from broker import credconfig
-from broker.credconfig import AwsSource, AzureSource, CredentialConfig, FileSource, TokenFormat, UrlSource
+from broker import credconfig, fileless
+from broker.credconfig import CredentialConfig
 from broker.errors import ConfigError
 from broker.tokens import CLOUD_PLATFORM, ScopeSet
 
 ENV_PREFIX = "WIF_BROKER_"
-JWT = "urn:ietf:params:oauth:token-type:jwt"
-K8S_TOKEN_PATHS = ("/var/run/service-account/token", "/var/run/secrets/tokens/gcp-token")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 _SA_PROJECT = re.compile(r"^[^@]+@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
@@ -188,76 +186,6 @@ def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, A
     return values
 
 
-def _fileless(values: dict[str, Any], environ: Mapping[str, str]) -> CredentialConfig:
-    audience = values["audience"]
-    source_text: str = values["source"]
-    universe = "googleapis.com"
-    source: credconfig.CredentialSource
-    token_type = JWT
-    if source_text == "auto":
-        source_text = _detect_source(environ)
-    if source_text.startswith("file:"):
-        source = FileSource(source_text[5:])
-        if not source.path:
-            raise ConfigError("source", "file: needs a path")
-    elif source_text.startswith("url:"):
-        source = UrlSource(credconfig.check_url("source", source_text[4:]), (), TokenFormat())
-    elif source_text == "aws":
-        source = AwsSource("https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15")
-        token_type = credconfig.AWS_TOKEN_TYPE
-    elif source_text == "azure":
-        resource = values["azure-resource"] or "https://iam.googleapis.com/" + audience.removeprefix(
-            "//iam.googleapis.com/"
-        )
-        source = AzureSource(resource)
-    else:
-        raise ConfigError("source", f"{source_text!r} is not auto, aws, azure, file:PATH or url:URL")
-    info = {"type": "external_account", "audience": audience, "subject_token_type": token_type}
-    base = credconfig.parse({**info, "credential_source": {"file": "-"}})  # checks the audience
-    return CredentialConfig(
-        audience=base.audience,
-        subject_token_type=token_type,
-        token_url=credconfig.default_token_url(universe),
-        source=source,
-        universe_domain=universe,
-    )
-
-
-def _detect_source(environ: Mapping[str, str]) -> str:
-    if all(environ.get(k) for k in ("AZURE_FEDERATED_TOKEN_FILE", "AZURE_CLIENT_ID", "AZURE_TENANT_ID")):
-        return "azure"
-    aws_markers = (
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-        "AWS_ACCESS_KEY_ID",
-    )
-    if any(environ.get(k) for k in aws_markers):
-        return "aws"
-    for path in K8S_TOKEN_PATHS:
-        if Path(path).is_file():
-            return "file:" + path
-    raise ConfigError(
-        "source", "auto found no AWS, Azure or Kubernetes token in the environment; set it explicitly"
-    )
-
-
-def _credential_config(values: dict[str, Any], environ: Mapping[str, str]) -> CredentialConfig:
-    explicit = values["credentials"]
-    if values["audience"]:
-        if explicit:
-            raise ConfigError("credentials", "give either a credential file or audience/source, not both")
-        return _fileless(values, environ)
-    path = explicit or environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if not path:
-        raise ConfigError(
-            "credentials",
-            "no credential file (set --credentials or GOOGLE_APPLICATION_CREDENTIALS) "
-            "and no --audience for file-less mode",
-        )
-    return credconfig.parse(credconfig.load_file(path))
-
-
 def _impersonation(values: dict[str, Any], cred: CredentialConfig) -> tuple[str, str, str]:
     endpoint = values["iam-endpoint"]
     # Checked even without impersonation: a malformed setting is an error even where unused.
@@ -282,7 +210,7 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
     """Resolve every setting; raise ConfigError on the first problem."""
     env = os.environ if environ is None else environ
     values = collect(flags, env)
-    cred = _credential_config(values, env)
+    cred = fileless.credential_config(values, env)
     if values["token-url"]:
         cred = replace(cred, token_url=credconfig.check_url("token-url", values["token-url"]))
     email, access_url, id_url = _impersonation(values, cred)

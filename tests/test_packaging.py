@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 import broker
-from broker import cli, credconfig, envbundle, settings
+from broker import cli, credconfig, envbundle, fileless, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -469,7 +469,7 @@ def test_credentials_example_parses_and_matches_the_configmap() -> None:
     info = json.loads(CREDENTIALS_EXAMPLE.read_text(encoding="utf-8"))
     cred = credconfig.parse(info)
     assert isinstance(cred.source, credconfig.FileSource)
-    assert cred.source.path in settings.K8S_TOKEN_PATHS
+    assert cred.source.path in fileless.K8S_TOKEN_PATHS
     assert cred.service_account_email == "app@PROJECT_ID.iam.gserviceaccount.com"
     assert json.loads(_configmap_credentials()) == info
     filled = credconfig.parse(json.loads(_fill(CREDENTIALS_EXAMPLE.read_text(encoding="utf-8"))))
