@@ -79,6 +79,10 @@ class TokenCache(Generic[K]):
         self._inflight: dict[K, asyncio.Task[Token]] = {}
         self._refreshers: dict[K, asyncio.Task[None]] = {}
         self._closed = False
+        self._lookups = {
+            r: metrics.CACHE_LOOKUPS.labels(kind=kind.value, result=r.value) for r in metrics.CacheResult
+        }
+        self._stale = metrics.STALE_SERVED.labels(kind=kind.value)
         ref = weakref.ref(self)
         metrics.EXPIRY.sources[kind] = lambda: c.soonest_expiry() if (c := ref()) else None
 
@@ -102,7 +106,7 @@ class TokenCache(Generic[K]):
             entry.used = True
             self._count(metrics.CacheResult.HIT)
             if entry.failures:
-                metrics.STALE_SERVED.labels(kind=self._kind.value).inc()
+                self._stale.inc()
             return token
         task = self._inflight.get(key)
         if task is not None:
@@ -232,7 +236,7 @@ class TokenCache(Generic[K]):
     # -- bookkeeping -------------------------------------------------------------
 
     def _count(self, result: metrics.CacheResult) -> None:
-        metrics.CACHE_LOOKUPS.labels(kind=self._kind.value, result=result.value).inc()
+        self._lookups[result].inc()
 
     def _publish(self) -> None:
         held = sum(1 for e in self._entries.values() if e.token)

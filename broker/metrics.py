@@ -160,3 +160,15 @@ REGISTRY.register(EXPIRY)
 
 def status_class(status: int) -> str:
     return f"{min(max(status // 100, 2), 5)}xx"
+
+
+# Resolved once: .labels() costs a lock and a dict build per call, on every request.
+_REQUEST_CHILDREN = {
+    (endpoint, status): REQUESTS.labels(endpoint=endpoint.value, status=status)
+    for endpoint in Endpoint
+    for status in STATUS_CLASSES
+}
+
+
+def count_request(endpoint: Endpoint, status: int) -> None:
+    _REQUEST_CHILDREN[(endpoint, status_class(status))].inc()

@@ -19,7 +19,7 @@ MAX_BODY = 4096
 def create_metadata_app(
     settings: Settings, chain: TokenChain, clock: Clock, shutdown: asyncio.Event | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[middleware.gce_headers, middleware.guard], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[middleware.gce], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[CHAIN] = chain
     app[CLOCK] = clock

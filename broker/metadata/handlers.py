@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from aiohttp import web
@@ -17,6 +18,7 @@ PREFIX = "/computeMetadata/v1/"
 # gcloud asks for this audience on every credential refresh and aborts on 403
 # or 5xx, but ignores 404 (metadata-protocol.md §1.7).
 GCLOUD_AUDIENCE = "32555940559.apps.googleusercontent.com"
+_TOKEN_JSON = b'{"access_token":%s,"expires_in":%d,"token_type":"Bearer"}'
 
 
 async def root(request: web.Request) -> web.Response:
@@ -75,13 +77,27 @@ async def metadata(request: web.Request) -> web.StreamResponse:
 
 async def token(request: web.Request) -> web.Response:
     request[ENDPOINT_KEY] = metrics.Endpoint.TOKEN
-    scopes = ScopeSet.parse(request.query.get("scopes", ""))
+    raw_scopes = request.query.get("scopes")
+    scopes = _scope_set(raw_scopes) if raw_scopes else request.app[SETTINGS].scopes
     access = await request.app[CHAIN].access_token(scopes)
     expires_in = int(access.seconds_left(request.app[CLOCK].wall()))
-    body = {"access_token": access.value, "expires_in": expires_in, "token_type": "Bearer"}
-    return web.Response(
-        body=json.dumps(body, separators=(",", ":")).encode(), content_type="application/json"
+    # expires_in counts down, so the body is rebuilt each time around the one
+    # part that is costly to encode (the token, JSON-escaped once per token).
+    body = b'{"access_token":%s,"expires_in":%d,"token_type":"Bearer"}' % (
+        _json_string(access.value),
+        expires_in,
     )
+    return web.Response(body=body, content_type="application/json")
+
+
+@functools.lru_cache(maxsize=256)
+def _scope_set(raw: str) -> ScopeSet:
+    return ScopeSet.parse(raw)
+
+
+@functools.lru_cache(maxsize=256)
+def _json_string(value: str) -> bytes:
+    return json.dumps(value).encode()
 
 
 async def identity(request: web.Request) -> web.Response:
