@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from broker import iam, logs, metrics, sts
+from broker import diagnosis, iam, logs, metrics, sts
 from broker.cache import Policy, TokenCache
 from broker.clock import Clock
 from broker.errors import BrokerError, Denied, Step, Transient
@@ -48,6 +48,7 @@ class TokenChain:
         self._source = source
         self._session = session
         self._clock = clock
+        self._context = diagnosis.Context(settings.cred.audience, settings.service_account_email)
         policy = Policy(refresh_before=settings.refresh_before, min_serve_ttl=settings.min_serve_ttl)
         self._federated = TokenCache[FederatedKey](
             metrics.Kind.FEDERATED, Step.STS, self._load_federated, clock, policy, keep_warm=lambda k: True
@@ -164,12 +165,14 @@ class TokenChain:
             return result
         except Denied as exc:
             outcome = metrics.Outcome.DENIED
-            log.error("upstream denied", extra=_failure(step, exc))
-            raise
+            explained = diagnosis.explain(exc, self._context)
+            log.error("upstream denied", extra=_failure(step, explained))
+            raise explained from None
         except Transient as exc:
             outcome = metrics.Outcome.TRANSIENT
-            log.warning("upstream failed", extra=_failure(step, exc))
-            raise
+            explained = diagnosis.explain(exc, self._context)
+            log.warning("upstream failed", extra=_failure(step, explained))
+            raise explained from None
         finally:
             metrics.UPSTREAM_CALLS.labels(upstream=upstream, outcome=outcome.value).inc()
             metrics.UPSTREAM_SECONDS.labels(upstream=upstream).observe(time.perf_counter() - started)

@@ -215,6 +215,11 @@ def parse(info: dict[str, Any]) -> CredentialConfig:
     if kind != "external_account":
         raise ConfigError("type", f"{kind!r} is not 'external_account'")
     audience = _string(info, "audience", required=True)
+    project = re.search(r"^//iam\.googleapis\.com/projects/([^/]+)/", audience)
+    if project and not project.group(1).isdigit():
+        raise ConfigError(
+            "audience", f"names project {project.group(1)!r}; provider audiences use the project NUMBER"
+        )
     if _WORKFORCE_AUDIENCE.match(audience):
         raise ConfigError("audience", "workforce pools federate people, not workloads; use a workload pool")
     if info.get("workforce_pool_user_project"):

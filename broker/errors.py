@@ -30,13 +30,26 @@ class BrokerError(Exception):
         fix: str = "",
         upstream_status: int | None = None,
         retry_after: float | None = None,
+        code: str = "",
     ) -> None:
         self.step = step
+        self.code = code  # the upstream's machine-readable error, e.g. invalid_grant
         self.reason = reason
         self.fix = fix
         self.upstream_status = upstream_status
         self.retry_after = retry_after
         super().__init__(self.describe())
+
+    def with_fix(self, fix: str) -> BrokerError:
+        """The same error, same class, with a more specific fix."""
+        return type(self)(
+            self.step,
+            self.reason,
+            fix=fix,
+            upstream_status=self.upstream_status,
+            retry_after=self.retry_after,
+            code=self.code,
+        )
 
     def describe(self) -> str:
         status = f" (HTTP {self.upstream_status})" if self.upstream_status is not None else ""

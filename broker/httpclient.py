@@ -100,7 +100,9 @@ def upstream_error(
     fix = (fixes or {}).get(code, "")
     kind = Transient if reply.status in transient else Denied
     reason = f"{code}: {message}" if code and message else (code or message or "no error body")
-    return kind(step, reason, fix=fix, upstream_status=reply.status, retry_after=retry_after(reply))
+    return kind(
+        step, reason, fix=fix, upstream_status=reply.status, retry_after=retry_after(reply), code=code
+    )
 
 
 def _decode_error(body: bytes) -> tuple[str, str]:

@@ -33,6 +33,7 @@ import yaml
 
 import broker
 from broker import cli, credconfig, envbundle, fileless, settings
+from broker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -386,7 +387,8 @@ def test_pod_wiring_token_credentials_and_hostaliases(item: tuple[Path, int, dic
     pod = _pod_spec(doc)
     (sidecar,) = [c for c in pod["initContainers"] if c["image"].startswith(BROKER_IMAGE)]
     cred_json = _configmap_credentials()
-    cred = credconfig.parse(json.loads(cred_json))
+    # Placeholders filled: an unfilled PROJECT_NUMBER is (rightly) refused by the parser.
+    cred = credconfig.parse(json.loads(_fill(cred_json)))
     assert isinstance(cred.source, credconfig.FileSource)
     token_path = PurePosixPath(cred.source.path)
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -398,7 +400,7 @@ def test_pod_wiring_token_credentials_and_hostaliases(item: tuple[Path, int, dic
     (source,) = volumes[token_mount["name"]]["projected"]["sources"]
     sa_token = source["serviceAccountToken"]
     assert sa_token["path"] == token_path.name
-    assert sa_token["audience"] == "https:" + cred.audience
+    assert _fill(sa_token["audience"]) == "https:" + cred.audience
     assert 600 <= sa_token["expirationSeconds"] < 48 * 3600  # kubelet minimum; STS maximum
 
     # The credential file: the ConfigMap key, mounted where WIF_BROKER_CREDENTIALS points.
@@ -467,12 +469,13 @@ def _configmap_credentials() -> str:
 
 def test_credentials_example_parses_and_matches_the_configmap() -> None:
     info = json.loads(CREDENTIALS_EXAMPLE.read_text(encoding="utf-8"))
-    cred = credconfig.parse(info)
-    assert isinstance(cred.source, credconfig.FileSource)
-    assert cred.source.path in fileless.K8S_TOKEN_PATHS
-    assert cred.service_account_email == "app@PROJECT_ID.iam.gserviceaccount.com"
     assert json.loads(_configmap_credentials()) == info
+    with pytest.raises(ConfigError, match="audience: names project 'PROJECT_NUMBER'"):
+        credconfig.parse(info)  # a copy-paste that forgot the placeholder fails at start-up
     filled = credconfig.parse(json.loads(_fill(CREDENTIALS_EXAMPLE.read_text(encoding="utf-8"))))
+    assert isinstance(filled.source, credconfig.FileSource)
+    assert filled.source.path in fileless.K8S_TOKEN_PATHS
+    assert filled.service_account_email == _fill("app@PROJECT_ID.iam.gserviceaccount.com")
     assert filled.project_number == PLACEHOLDERS["PROJECT_NUMBER"]
 
 

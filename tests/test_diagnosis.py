@@ -1,0 +1,154 @@
+"""Each recognisable upstream failure maps to a fix an operator can act on.
+
+The fakes answer with the real error bodies of token-chain.md §A.6 and §B.3;
+the broker's token endpoint must carry the step, the upstream reason and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from broker import settings
+from broker.errors import ConfigError
+from broker.fakes import FakeGoogle
+from tests.conftest import AUDIENCE, SA, run_broker
+
+TOKEN = "/computeMetadata/v1/instance/service-accounts/default/token"
+POOL_MEMBER = "principalSet://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/wif-broker-demo/*"
+
+
+async def token_error(broker_url: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(broker_url + TOKEN, headers={"Metadata-Flavor": "Google"}) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+STS_CASES: list[tuple[str, dict[str, Any], int, list[str]]] = [
+    (
+        "audience",
+        {
+            "error": "invalid_grant",
+            "error_description": "The audience in ID Token [x] does not match the expected audience.",
+        },
+        403,
+        ["sts failed (HTTP 400): invalid_grant", "mint it for", "--allowed-audiences"],
+    ),
+    (
+        "issuer",
+        {
+            "error": "invalid_grant",
+            "error_description": "The issuer in ID Token [https://a] does not match the expected ones.",
+        },
+        403,
+        ["does not match the provider's issuer URI", "https://sts.windows.net/TENANT/"],
+    ),
+    (
+        "attribute condition",
+        {
+            "error": "invalid_grant",
+            "error_description": "The given credential is rejected by the attribute condition.",
+        },
+        403,
+        ["attribute condition rejected this identity", "providers describe"],
+    ),
+    (
+        "expired",
+        {"error": "invalid_grant", "error_description": "ID Token issued at 1 is stale to sign-in."},
+        403,
+        ["subject token has expired", "without subPath"],
+    ),
+    (
+        "aws signature",
+        {
+            "error": "invalid_grant",
+            "error_description": (
+                "Received invalid AWS response of type InvalidClientTokenId with error message: "
+                "The security token included in the request is invalid."
+            ),
+        },
+        403,
+        ["AWS refused the signed GetCallerIdentity"],
+    ),
+    (
+        "invalid_target",
+        {
+            "error": "invalid_target",
+            "error_description": 'The target service indicated by the "audience" parameters is invalid.',
+        },
+        403,
+        ["does not exist or is disabled", "project NUMBER"],
+    ),
+    (
+        "transient",
+        {"error": "temporarily_unavailable", "error_description": "backend error"},
+        503,
+        ["sts failed (HTTP 503)"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "expected"), STS_CASES, ids=[c[0] for c in STS_CASES])
+async def test_sts_failures_are_explained(
+    google: FakeGoogle,
+    make_settings: Callable[..., settings.Settings],
+    name: str,
+    body: dict[str, Any],
+    status: int,
+    expected: list[str],
+) -> None:
+    google.sts.fail_next(503 if status == 503 else 400, body, count=20)
+    async with run_broker(make_settings()) as broker:
+        got_status, text = await token_error(broker.url)
+    assert got_status == status, text
+    for fragment in expected:
+        assert fragment in text, (name, text)
+
+
+async def test_iam_denial_names_the_exact_binding(
+    google: FakeGoogle, make_settings: Callable[..., settings.Settings]
+) -> None:
+    google.iam.service_accounts.clear()
+    async with run_broker(make_settings()) as broker:
+        status, text = await token_error(broker.url)
+    assert status == 403
+    assert (
+        f"gcloud iam service-accounts add-iam-policy-binding {SA} --role=roles/iam.workloadIdentityUser "
+        f"--member='{POOL_MEMBER}'"
+    ) in text
+
+
+async def test_iam_scope_insufficient_is_explained(
+    google: FakeGoogle, make_settings: Callable[..., settings.Settings]
+) -> None:
+    body = {
+        "error": {
+            "code": 403,
+            "message": "Request had insufficient authentication scopes.",
+            "status": "PERMISSION_DENIED",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+                }
+            ],
+        }
+    }
+    google.iam.fail_next(403, body, count=20)
+    async with run_broker(make_settings()) as broker:
+        status, text = await token_error(broker.url)
+    assert status == 403
+    assert "lacks the cloud-platform scope" in text
+
+
+def test_project_id_instead_of_number_is_refused_at_start_up(cred_file: Any) -> None:
+    wrong = AUDIENCE.replace("123456789012", "my-project")
+    with pytest.raises(
+        ConfigError, match="audience: names project 'my-project'; provider audiences use the project NUMBER"
+    ):
+        settings.build({"audience": wrong, "source": "file:/dev/null"}, environ={})
