@@ -49,7 +49,7 @@ async def run_check(settings: Settings) -> int:
     _say(f"account       {settings.email}" + ("" if settings.impersonating else " (direct federated access)"))
     session = httpclient.new_session()
     try:
-        source = build_source(cred, session)
+        source = build_source(cred, session, aws_strict=settings.aws_strict)
         seen = await _step("native identity", source.describe)
         _say(
             f"ok    native identity ({source.kind}): "

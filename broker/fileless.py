@@ -43,8 +43,9 @@ def _fileless(values: dict[str, Any], environ: Mapping[str, str]) -> CredentialC
         source = AzureSource(resource)
     else:
         raise ConfigError("source", f"{source_text!r} is not auto, aws, azure, file:PATH or url:URL")
-    info = {"type": "external_account", "audience": audience, "subject_token_type": token_type}
-    base = credconfig.parse({**info, "credential_source": {"file": "-"}})  # checks the audience
+    # Parse a minimal file just to run the audience checks; its source is a dummy.
+    info = {"type": "external_account", "audience": audience, "subject_token_type": JWT}
+    base = credconfig.parse({**info, "credential_source": {"file": "-"}})
     return CredentialConfig(
         audience=base.audience,
         subject_token_type=token_type,

@@ -273,7 +273,9 @@ async def test_aws_sts_rejects_bad_requests(
             "AccessDenied",
             "Not authorized to perform sts:AssumeRoleWithWebIdentity",
         ),
-        ({"Action": "GetCallerIdentity"}, 400, "InvalidAction", ""),
+        ({"Action": "AssumeRole"}, 400, "InvalidAction", ""),
+        # GetCallerIdentity exists but must be SigV4-signed, as on AWS.
+        ({"Action": "GetCallerIdentity"}, 403, "MissingAuthenticationToken", "Request is missing"),
         (
             {"WebIdentityToken": issuer.mint("other-aud", now=clock())},
             400,

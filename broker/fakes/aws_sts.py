@@ -1,13 +1,18 @@
-"""A fake of AWS STS ``AssumeRoleWithWebIdentity`` (EKS IRSA), the Query/XML protocol botocore speaks.
+"""A fake of AWS STS, the Query/XML protocol botocore speaks.
 
 ``POST /`` with the unsigned form ``Action=AssumeRoleWithWebIdentity&Version=2011-06-15
-&RoleArn=…&RoleSessionName=…&WebIdentityToken=…`` answers with the XML of
-token-chain.md D.6; bad input gets an AWS ``ErrorResponse`` botocore parses
-into a ``ClientError`` with the real error code.
+&RoleArn=…&RoleSessionName=…&WebIdentityToken=…`` (EKS IRSA) answers with the XML
+of token-chain.md D.6. ``Action=GetCallerIdentity`` (form body or query string)
+must be SigV4-signed with keys the account issued; the signature is recomputed
+with the issued secret, and the answer names the caller's assumed-role ARN. Bad
+input gets an AWS ``ErrorResponse`` botocore parses into a ``ClientError`` with
+the real error code.
 """
 
 from __future__ import annotations
 
+import calendar
+import hmac
 import re
 import time
 import uuid
@@ -19,7 +24,8 @@ from aiohttp import web
 from google.auth import jwt
 
 from broker.fakes._service import FakeService, recorded
-from broker.fakes.aws_account import FakeAwsAccount, iso8601
+from broker.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
+from broker.fakes.aws_sigv4 import AMZ_DATE, MAX_SKEW_SECONDS, SignedRequest, sigv4_signature
 from broker.fakes.oidc import FakeOidcIssuer
 
 NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
@@ -27,6 +33,11 @@ VERSION = "2011-06-15"
 IRSA_AUDIENCE = "sts.amazonaws.com"
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 _SESSION_NAME = re.compile(r"^[\w+=,.@-]{2,64}$")
+_AUTHORIZATION = re.compile(
+    r"^AWS4-HMAC-SHA256 Credential=(?P<credential>[^,\s]+),\s*"
+    r"SignedHeaders=(?P<signed>[^,\s]+),\s*Signature=(?P<signature>[0-9a-f]{64})$"
+)
+_INVALID_TOKEN = "The security token included in the request is invalid."
 _jwt_decode: Callable[..., dict[str, Any]] = jwt.decode
 
 
@@ -103,12 +114,15 @@ class FakeAwsSts(FakeService):
 
     def _add_routes(self, application: web.Application) -> None:
         application.router.add_post("/", self._dispatch)
+        application.router.add_get("/", self._dispatch)  # the Query protocol also takes GET
 
     async def _dispatch(self, request: web.Request) -> web.Response:
         form = dict(request.query)
         form.update(recorded(request).form or {})
         try:
             action, version = form.get("Action"), form.get("Version")
+            if action == "GetCallerIdentity" and version == VERSION:
+                return self._caller_identity(self._authenticate(request))
             if action != "AssumeRoleWithWebIdentity" or version != VERSION:
                 raise _StsError(
                     400, "InvalidAction", f"Could not find operation {action} for version {version}"
@@ -152,6 +166,65 @@ class FakeAwsSts(FakeService):
             "  </AssumeRoleWithWebIdentityResult>\n"
             f"  <ResponseMetadata>\n    <RequestId>{uuid.uuid4()}</RequestId>\n  </ResponseMetadata>\n"
             "</AssumeRoleWithWebIdentityResponse>\n"
+        )
+        return web.Response(text=body, content_type="text/xml")
+
+    def _authenticate(self, request: web.Request) -> AwsCredentials:
+        """The issued credentials whose secret signed this request (SigV4, as AWS checks it)."""
+        call = recorded(request)
+        headers = call.headers
+        if "authorization" not in headers:
+            raise _StsError(403, "MissingAuthenticationToken", "Request is missing Authentication Token")
+        auth = _AUTHORIZATION.match(headers["authorization"])
+        credential = auth["credential"].split("/") if auth else []
+        if auth is None or len(credential) != 5:
+            raise _StsError(403, "IncompleteSignature", "Authorization header is malformed")
+        signed = tuple(auth["signed"].split(";"))
+        if not {"host", "x-amz-date"} <= set(signed) or not set(signed) <= headers.keys():
+            raise _StsError(403, "IncompleteSignature", f"Signed headers {signed} are incomplete or absent")
+        try:
+            signed_at = calendar.timegm(time.strptime(headers["x-amz-date"], AMZ_DATE))
+        except ValueError:
+            raise _StsError(403, "IncompleteSignature", "X-Amz-Date is not ISO-8601 basic format") from None
+        now = self.now()
+        if abs(signed_at - now) > MAX_SKEW_SECONDS:
+            raise _StsError(403, "SignatureDoesNotMatch", "Signature expired or not yet current")
+        creds = self.account.lookup(credential[0])
+        if creds is None or headers.get("x-amz-security-token") != creds.session_token:
+            raise _StsError(403, "InvalidClientTokenId", _INVALID_TOKEN)
+        if creds.expires_at <= now:
+            raise _StsError(400, "ExpiredToken", "The security token included in the request is expired")
+        signed_request = SignedRequest(
+            url=f"{request.scheme}://{request.host}{request.path_qs}",
+            method=request.method,
+            headers=headers,
+            body=call.body.decode("utf-8", "replace"),
+            region=credential[2],
+            access_key_id=credential[0],
+            scope=(credential[1], credential[2], credential[3], credential[4]),
+            signed_headers=signed,
+            signature=auth["signature"],
+        )
+        expected = sigv4_signature(signed_request, creds.secret_access_key)
+        if credential[3] != "sts" or not hmac.compare_digest(expected, auth["signature"]):
+            raise _StsError(
+                403,
+                "SignatureDoesNotMatch",
+                "The request signature we calculated does not match the signature you provided.",
+            )
+        return creds
+
+    def _caller_identity(self, creds: AwsCredentials) -> web.Response:
+        session = creds.arn.rsplit("/", 1)[-1]
+        body = (
+            f'<GetCallerIdentityResponse xmlns="{NAMESPACE}">\n'
+            "  <GetCallerIdentityResult>\n"
+            f"    <Arn>{escape(creds.arn)}</Arn>\n"
+            f"    <UserId>{self.account.role_id}:{escape(session)}</UserId>\n"
+            f"    <Account>{self.account.account_id}</Account>\n"
+            "  </GetCallerIdentityResult>\n"
+            f"  <ResponseMetadata>\n    <RequestId>{uuid.uuid4()}</RequestId>\n  </ResponseMetadata>\n"
+            "</GetCallerIdentityResponse>\n"
         )
         return web.Response(text=body, content_type="text/xml")
 

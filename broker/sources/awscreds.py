@@ -11,6 +11,7 @@ Every function here blocks; callers run them with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from urllib.parse import urlsplit
 import botocore.config
 import botocore.credentials
 import botocore.exceptions
+import botocore.httpsession
 import botocore.session
 import botocore.utils
+from botocore.awsrequest import AWSRequest
 
 from broker.errors import Step, Transient
 
@@ -32,6 +35,12 @@ TRIED = "env, web identity (EKS IRSA), container (ECS task role / EKS Pod Identi
 HOP_LIMIT_FIX = (
     "if this runs in a container on EC2, IMDSv2 needs a hop limit of 2: "
     "aws ec2 modify-instance-metadata-options --instance-id ID --http-put-response-hop-limit 2"
+)
+STS_CLIENT_CONFIG = botocore.config.Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2})
+NO_ROLE_FIX = "run with an IAM role (task role, IRSA, Pod Identity or instance profile)"
+IRSA_FIX = (
+    "check the role's trust policy (the cluster's OIDC provider, sub and aud sts.amazonaws.com) "
+    "and that the web identity token file is the projected token EKS mounts"
 )
 
 
@@ -51,6 +60,9 @@ class CredentialChain:
 
     def __init__(self, strict_imds_url: str | None) -> None:
         self._session = botocore.session.get_session()
+        # The web-identity (IRSA) STS client would otherwise wait 60 s per read: a hung
+        # STS must not pin a worker thread, nor hold up the daemon's exit.
+        self._session.set_default_client_config(STS_CLIENT_CONFIG)
         self._strict_imds_url = strict_imds_url
         self._credentials: botocore.credentials.Credentials | None = None
 
@@ -59,18 +71,27 @@ class CredentialChain:
             if self._credentials is None:
                 self._credentials = self._resolve()
             if self._credentials is None:
-                tried = "env, EC2 instance metadata" if self._strict_imds_url else TRIED
-                raise Transient(
-                    Step.AWS,
-                    f"no AWS credentials found; tried {tried}",
-                    fix="run with an IAM role (task role, IRSA, Pod Identity or instance profile)",
-                )
+                raise _no_credentials(self._strict_imds_url)
             creds = self._credentials.get_frozen_credentials()
         except botocore.exceptions.BotoCoreError as exc:
             self._credentials = None  # start over next time: the environment may have changed
             raise _classify(exc) from None
-        method = getattr(self._credentials, "method", "unknown")
-        return FrozenCredentials(creds.access_key or "", creds.secret_key or "", creds.token, method)
+        except botocore.exceptions.ClientError as exc:
+            # Web identity (IRSA) calls STS lazily, here; a refusal is a ClientError, not a BotoCoreError.
+            self._credentials = None
+            raise _client_error(exc) from None
+        except RuntimeError as exc:
+            # botocore's "Credentials were refreshed, but the refreshed credentials are still expired."
+            raise Transient(
+                Step.AWS,
+                f"AWS credentials expired and the provider ({self.method}) handed out no newer ones: {exc}",
+                fix="check the clock (timedatectl) and the credential provider's health",
+            ) from None
+        return FrozenCredentials(creds.access_key or "", creds.secret_key or "", creds.token, self.method)
+
+    @property
+    def method(self) -> str:
+        return str(getattr(self._credentials, "method", "unknown"))
 
     def _resolve(self) -> botocore.credentials.Credentials | None:
         if self._strict_imds_url is None:
@@ -114,19 +135,86 @@ def region_from_zone(zone: str) -> str:
     return match.group(1) if match else zone[:-1]
 
 
-def imds_region(environ: Mapping[str, str]) -> str | None:
-    """Region from EC2 IMDS (``placement/region``, else the zone), honouring botocore's env."""
+def _imds_config() -> dict[str, Any]:
     session = botocore.session.get_session()
-    config: dict[str, Any] = {
+    return {
         "ec2_metadata_service_endpoint": session.get_config_variable("ec2_metadata_service_endpoint"),
         "ec2_metadata_service_endpoint_mode": botocore.utils.resolve_imds_endpoint_mode(session),
     }
+
+
+def imds_region(environ: Mapping[str, str]) -> str | None:
+    """Region from EC2 IMDS (``placement/region``, else the zone), honouring botocore's env."""
     if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return None
     try:
-        return _RegionFetcher(timeout=1, num_attempts=1, config=config).region()
+        return _RegionFetcher(timeout=1, num_attempts=1, config=_imds_config()).region()
     except botocore.exceptions.BotoCoreError:
         return None
+
+
+def _imds_base_url() -> str:
+    """The IMDS endpoint botocore's chain uses (``AWS_EC2_METADATA_SERVICE_ENDPOINT[_MODE]``)."""
+    config = _imds_config()
+    if config["ec2_metadata_service_endpoint"]:
+        return str(config["ec2_metadata_service_endpoint"])
+    if config["ec2_metadata_service_endpoint_mode"] == "ipv6":
+        return botocore.utils.METADATA_BASE_URL_IPv6
+    return botocore.utils.METADATA_BASE_URL
+
+
+def diagnose_imds(base_url: str) -> tuple[str, str]:
+    """Why IMDS gave no credentials, and the fix: botocore's fetcher swallows the reason.
+
+    One IMDSv2 token PUT and one role listing, 1 s each. A read timeout on the PUT
+    is the classic symptom of a hop limit of 1 seen from a container.
+    """
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    host = urlsplit(base).netloc
+    http = botocore.httpsession.URLLib3Session(timeout=1, proxies={})
+    try:
+        put = AWSRequest(
+            "PUT", base + "latest/api/token", headers={"x-aws-ec2-metadata-token-ttl-seconds": "60"}
+        )
+        reply = http.send(put.prepare())
+        headers = {"x-aws-ec2-metadata-token": reply.text} if reply.status_code == 200 else {}
+        listing = AWSRequest("GET", base + "latest/meta-data/iam/security-credentials/", headers=headers)
+        role = http.send(listing.prepare())
+    except botocore.exceptions.ReadTimeoutError:
+        return (
+            f"EC2 instance metadata at {host} accepted the connection but did not answer in 1s",
+            HOP_LIMIT_FIX,
+        )
+    except botocore.exceptions.ConnectTimeoutError:
+        return f"EC2 instance metadata at {host} timed out (not on EC2?)", f"{NO_ROLE_FIX}; {HOP_LIMIT_FIX}"
+    except botocore.exceptions.BotoCoreError:
+        return f"EC2 instance metadata at {host} is unreachable (not on EC2)", NO_ROLE_FIX
+    finally:
+        http.close()
+    if role.status_code == 404:
+        return (
+            f"EC2 instance metadata at {host} answers, but the instance has no IAM role",
+            "attach an instance profile: aws ec2 associate-iam-instance-profile",
+        )
+    if role.status_code == 401:
+        return (
+            f"EC2 instance metadata at {host} refused the request without an IMDSv2 session token "
+            f"(the token PUT answered HTTP {reply.status_code})",
+            HOP_LIMIT_FIX,
+        )
+    return f"EC2 instance metadata at {host} answered HTTP {role.status_code}", NO_ROLE_FIX
+
+
+def _no_credentials(strict_imds_url: str | None) -> Transient:
+    tried = "env, EC2 instance metadata" if strict_imds_url else TRIED
+    if strict_imds_url:
+        parts = urlsplit(strict_imds_url)
+        seen, fix = diagnose_imds(f"{parts.scheme}://{parts.netloc}/")
+    elif os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+        seen, fix = "EC2 instance metadata is disabled by AWS_EC2_METADATA_DISABLED", NO_ROLE_FIX
+    else:
+        seen, fix = diagnose_imds(_imds_base_url())
+    return Transient(Step.AWS, f"no AWS credentials found; tried {tried}. {seen}", fix=fix)
 
 
 def caller_arn(creds: FrozenCredentials, region: str) -> str:
@@ -137,12 +225,16 @@ def caller_arn(creds: FrozenCredentials, region: str) -> str:
         aws_access_key_id=creds.access_key,
         aws_secret_access_key=creds.secret_key,
         aws_session_token=creds.token,
-        config=botocore.config.Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2}),
+        config=STS_CLIENT_CONFIG,
     )
     sts: Any = client  # botocore-stubs types service methods only for boto3 clients
     try:
         arn: str = sts.get_caller_identity()["Arn"]
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+    except botocore.exceptions.ClientError as exc:
+        raise Transient(
+            Step.AWS, f"GetCallerIdentity failed: {exc.response.get('Error', {}).get('Code')}"
+        ) from None
+    except botocore.exceptions.BotoCoreError as exc:
         raise Transient(Step.AWS, f"GetCallerIdentity failed: {type(exc).__name__}") from None
     return arn
 
@@ -161,6 +253,15 @@ def principal_member(arn: str, audience: str) -> str:
     if match:
         return f"principalSet://{pool}/attribute.aws_role/{match.group(1)}"
     return f"principal://{pool}/subject/{arn}"
+
+
+def _client_error(exc: botocore.exceptions.ClientError) -> Transient:
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", "Unknown"), error.get("Message", "")
+    fix = IRSA_FIX if exc.operation_name == "AssumeRoleWithWebIdentity" else ""
+    if "expired" in f"{code} {message}".lower():
+        fix = "the web identity token file holds an expired token: is the kubelet still rotating it?"
+    return Transient(Step.AWS, f"{exc.operation_name} refused: {code}: {message[:300]}", fix=fix)
 
 
 def _classify(exc: botocore.exceptions.BotoCoreError) -> Transient:
