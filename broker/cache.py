@@ -79,9 +79,8 @@ class TokenCache(Generic[K]):
         self._inflight: dict[K, asyncio.Task[Token]] = {}
         self._refreshers: dict[K, asyncio.Task[None]] = {}
         self._closed = False
-        self._lookups = {
-            r: metrics.CACHE_LOOKUPS.labels(kind=kind.value, result=r.value) for r in metrics.CacheResult
-        }
+        # Counter cells resolved once: hit() is on every request's path.
+        self._lookups = {r: metrics.CACHE_LOOKUPS.cell(kind.value, r.value) for r in metrics.CacheResult}
         self._stale = metrics.STALE_SERVED.labels(kind=kind.value)
         ref = weakref.ref(self)
         metrics.EXPIRY.sources[kind] = lambda: c.soonest_expiry() if (c := ref()) else None
@@ -99,15 +98,24 @@ class TokenCache(Generic[K]):
         entry = self._entries.get(key)
         return entry.last_error if entry else None
 
-    async def get(self, key: K) -> Token:
+    def hit(self, key: K) -> Token | None:
+        """The servable token, counted as a hit; None when a load is needed. Never awaits."""
         entry = self._entries.get(key)
-        token = self.servable(key)
-        if entry and token:
-            entry.used = True
-            self._count(metrics.CacheResult.HIT)
-            if entry.failures:
-                self._stale.inc()
+        if entry is None or entry.token is None:
+            return None
+        if self._clock.wall() >= entry.token.expires_at - self._policy.min_serve_ttl:
+            return None
+        entry.used = True
+        self._lookups[metrics.CacheResult.HIT].value += 1
+        if entry.failures:
+            self._stale.inc()
+        return entry.token
+
+    async def get(self, key: K) -> Token:
+        token = self.hit(key)
+        if token is not None:
             return token
+        entry = self._entries.get(key)
         task = self._inflight.get(key)
         if task is not None:
             self._count(metrics.CacheResult.JOINED)
@@ -236,7 +244,7 @@ class TokenCache(Generic[K]):
     # -- bookkeeping -------------------------------------------------------------
 
     def _count(self, result: metrics.CacheResult) -> None:
-        self._lookups[result].inc()
+        self._lookups[result].value += 1
 
     def _publish(self) -> None:
         held = sum(1 for e in self._entries.values() if e.token)

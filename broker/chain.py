@@ -66,6 +66,10 @@ class TokenChain:
 
     # -- what handlers call --------------------------------------------------------
 
+    def cached_access_token(self, scopes: ScopeSet) -> Token | None:
+        """A servable cached token without awaiting, or None (then call access_token)."""
+        return self._access.hit(scopes or self.settings.scopes)
+
     async def access_token(self, scopes: ScopeSet) -> Token:
         return await self._access.get(scopes or self.settings.scopes)
 

@@ -1,7 +1,7 @@
 """Error classification shared by every step of the chain.
 
 Errors are classified where they arise (transient vs. denied) and mapped to an
-HTTP status in exactly one place (``metadata/middleware.py``). Messages name the
+HTTP status in exactly one place (``metadata/wire.py``). Messages name the
 step and the fix; they never carry a token.
 """
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -69,12 +69,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BUILD_INFO = Info("wif_broker_build", "Version of the running broker.", registry=REGISTRY)
 BUILD_INFO.info({"version": __version__})
 
-REQUESTS = Counter(
-    "wif_broker_requests_total",
-    "Metadata server requests by endpoint class and status class.",
-    ["endpoint", "status"],
-    registry=REGISTRY,
-)
 UPSTREAM_CALLS = Counter(
     "wif_broker_upstream_requests_total",
     "Calls to upstream identity services by outcome.",
@@ -86,12 +80,6 @@ UPSTREAM_SECONDS = Histogram(
     "Latency of upstream identity calls.",
     ["upstream"],
     buckets=LATENCY_BUCKETS,
-    registry=REGISTRY,
-)
-CACHE_LOOKUPS = Counter(
-    "wif_broker_cache_lookups_total",
-    "Token cache lookups: hit, miss (started an upstream call) or joined (single-flight).",
-    ["kind", "result"],
     registry=REGISTRY,
 )
 REFRESHES = Counter(
@@ -116,16 +104,61 @@ for _kind in Kind:
     CACHED_TOKENS.labels(kind=_kind.value)
     for _outcome in Outcome:
         REFRESHES.labels(kind=_kind.value, outcome=_outcome.value)
-    for _result in CacheResult:
-        CACHE_LOOKUPS.labels(kind=_kind.value, result=_result.value)
     STALE_SERVED.labels(kind=_kind.value)
 for _upstream in Upstream:
     UPSTREAM_SECONDS.labels(upstream=_upstream.value)
     for _outcome in Outcome:
         UPSTREAM_CALLS.labels(upstream=_upstream.value, outcome=_outcome.value)
-for _endpoint in Endpoint:
-    for _status in STATUS_CLASSES:
-        REQUESTS.labels(endpoint=_endpoint.value, status=_status)
+
+
+class Cell:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class HotCounter(Collector):
+    """A counter for the per-request path: a plain integer per label set.
+
+    prometheus-client's Counter takes a lock per ``inc()``; these are only
+    incremented on the event-loop thread, so an int add is enough. All label
+    combinations are fixed (and exported from zero) at construction.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: dict[str, Iterable[str]]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labels)
+        combos: list[tuple[str, ...]] = [()]
+        for values in labels.values():
+            combos = [(*combo, value) for combo in combos for value in values]
+        self.cells = {combo: Cell() for combo in combos}
+        REGISTRY.register(self)
+
+    def cell(self, *labels: str) -> Cell:
+        return self.cells[labels]
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, cell in self.cells.items():
+            family.add_metric(list(labels), cell.value)
+        yield family
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+
+REQUESTS = HotCounter(
+    "wif_broker_requests_total",
+    "Metadata server requests by endpoint class and status class.",
+    {"endpoint": [e.value for e in Endpoint], "status": STATUS_CLASSES},
+)
+CACHE_LOOKUPS = HotCounter(
+    "wif_broker_cache_lookups_total",
+    "Token cache lookups: hit, miss (started an upstream call) or joined (single-flight).",
+    {"kind": [k.value for k in Kind], "result": [r.value for r in CacheResult]},
+)
 
 
 class _ExpiryCollector(Collector):
@@ -158,17 +191,12 @@ EXPIRY = _ExpiryCollector()
 REGISTRY.register(EXPIRY)
 
 
+_CLASSES = ("2xx", "2xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def status_class(status: int) -> str:
-    return f"{min(max(status // 100, 2), 5)}xx"
-
-
-# Resolved once: .labels() costs a lock and a dict build per call, on every request.
-_REQUEST_CHILDREN = {
-    (endpoint, status): REQUESTS.labels(endpoint=endpoint.value, status=status)
-    for endpoint in Endpoint
-    for status in STATUS_CLASSES
-}
+    return _CLASSES[min(status // 100, 5)]
 
 
 def count_request(endpoint: Endpoint, status: int) -> None:
-    _REQUEST_CHILDREN[(endpoint, status_class(status))].inc()
+    REQUESTS.cells[(endpoint.value, status_class(status))].value += 1

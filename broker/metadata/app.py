@@ -1,4 +1,4 @@
-"""The metadata app factory: routes and middlewares in one table."""
+"""The metadata app factory: one route table, every handler behind the GCE wire rules."""
 
 from __future__ import annotations
 
@@ -9,25 +9,36 @@ from aiohttp import web
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.chain import TokenChain
 from broker.clock import Clock
-from broker.metadata import handlers, middleware, tree
+from broker.metadata import handlers, tree
+from broker.metadata.wire import gce_wire
+from broker.metrics import Endpoint
 from broker.settings import Settings
 
 # Requests are a path, a query and a few headers; nothing legitimate is larger.
 MAX_BODY = 4096
+SA = "/computeMetadata/v1/instance/service-accounts"
 
 
 def create_metadata_app(
     settings: Settings, chain: TokenChain, clock: Clock, shutdown: asyncio.Event | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[middleware.gce], client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[CHAIN] = chain
     app[CLOCK] = clock
     app[TREE] = tree.build_tree(settings)
     app[SHUTDOWN] = shutdown or asyncio.Event()
-    app.router.add_get("/", handlers.root)
-    app.router.add_get("/computeMetadata", handlers.compute_metadata)
-    app.router.add_get("/computeMetadata/", handlers.compute_metadata)
-    app.router.add_get("/computeMetadata/v1{tail:(/.*)?}", handlers.metadata)
-    app.router.add_route("*", "/{tail:.*}", handlers.not_found)
+    routes = [
+        ("/", handlers.root, Endpoint.ROOT),
+        ("/computeMetadata", handlers.compute_metadata, Endpoint.LISTING),
+        ("/computeMetadata/", handlers.compute_metadata, Endpoint.LISTING),
+        # The token paths as plain routes: looked up by dict, not by regex (hot path).
+        (f"{SA}/default/token", handlers.token, Endpoint.TOKEN),
+        (f"{SA}/{settings.email}/token", handlers.token, Endpoint.TOKEN),
+        ("/computeMetadata/v1{tail:(/.*)?}", handlers.metadata, Endpoint.OTHER),
+        # The catch-all guarantees every request meets the wire rules.
+        ("/{tail:.*}", handlers.not_found, Endpoint.OTHER),
+    ]
+    for path, handler, endpoint in routes:
+        app.router.add_route("*", path, gce_wire(handler, endpoint))
     return app

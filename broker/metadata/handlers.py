@@ -11,7 +11,7 @@ from broker import metrics
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.errors import BrokerError
 from broker.metadata import tree, watch
-from broker.metadata.middleware import ENDPOINT_KEY, error_response
+from broker.metadata.wire import ENDPOINT_KEY, JSON, TEXT, error_response, respond
 from broker.tokens import IdTokenKey, ScopeSet
 
 PREFIX = "/computeMetadata/v1/"
@@ -22,12 +22,10 @@ _TOKEN_JSON = b'{"access_token":%s,"expires_in":%d,"token_type":"Bearer"}'
 
 
 async def root(request: web.Request) -> web.Response:
-    request[ENDPOINT_KEY] = metrics.Endpoint.ROOT
     return _text("computeMetadata/\n")
 
 
 async def compute_metadata(request: web.Request) -> web.Response:
-    request[ENDPOINT_KEY] = metrics.Endpoint.LISTING
     if request.path == "/computeMetadata":
         return _redirect(request)
     return _text("v1/\n")
@@ -48,7 +46,10 @@ async def metadata(request: web.Request) -> web.StreamResponse:
         if len(segments) == 4 and segments[3] in ("token", "identity"):
             if trailing:
                 return error_response(404, "Not Found")
-            return await (token(request) if segments[3] == "token" else identity(request))
+            if segments[3] == "token":  # e.g. a "//" in the path missed the plain token route
+                request[ENDPOINT_KEY] = metrics.Endpoint.TOKEN
+                return await token(request)
+            return await identity(request)
     node = tree.resolve(request.app[TREE], segments)
     if node is None:
         request[ENDPOINT_KEY] = metrics.Endpoint.OTHER
@@ -70,24 +71,20 @@ async def metadata(request: web.Request) -> web.StreamResponse:
             await watch.wait(rendered, query, request.app[SHUTDOWN])
     except tree.BadQuery as exc:
         return error_response(400, f"Bad Request: {exc}")
-    response = web.Response(body=rendered.body, content_type=rendered.content_type)
-    response.headers["ETag"] = rendered.etag
-    return response
+    return respond(rendered.body, rendered.content_type, etag=rendered.etag)
 
 
 async def token(request: web.Request) -> web.Response:
-    request[ENDPOINT_KEY] = metrics.Endpoint.TOKEN
-    raw_scopes = request.query.get("scopes")
+    # Most clients send no query at all; don't build a MultiDict for nothing.
+    raw_scopes = request.query.get("scopes") if request.query_string else None
     scopes = _scope_set(raw_scopes) if raw_scopes else request.app[SETTINGS].scopes
-    access = await request.app[CHAIN].access_token(scopes)
+    chain = request.app[CHAIN]
+    # A cache hit is answered without awaiting anything: the common case by far.
+    access = chain.cached_access_token(scopes) or await chain.access_token(scopes)
     expires_in = int(access.seconds_left(request.app[CLOCK].wall()))
     # expires_in counts down, so the body is rebuilt each time around the one
     # part that is costly to encode (the token, JSON-escaped once per token).
-    body = b'{"access_token":%s,"expires_in":%d,"token_type":"Bearer"}' % (
-        _json_string(access.value),
-        expires_in,
-    )
-    return web.Response(body=body, content_type="application/json")
+    return respond(_TOKEN_JSON % (_json_string(access.value), expires_in), JSON)
 
 
 @functools.lru_cache(maxsize=256)
@@ -115,13 +112,11 @@ async def identity(request: web.Request) -> web.Response:
         if audience == GCLOUD_AUDIENCE:
             return error_response(404, "Not Found: no ID token for gcloud's own audience")
         raise
-    return web.Response(body=id_token.value.encode(), content_type=tree.TEXT)
+    return respond(id_token.value.encode(), TEXT)
 
 
 def _text(text: str) -> web.Response:
-    response = web.Response(body=text.encode(), content_type=tree.TEXT)
-    response.headers["ETag"] = tree.Rendered(text.encode(), tree.TEXT).etag
-    return response
+    return respond(text.encode(), TEXT, etag=tree.Rendered(text.encode(), TEXT).etag)
 
 
 def _redirect(request: web.Request) -> web.Response:
