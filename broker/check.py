@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from broker import httpclient, iam, logs, sts
+from broker import diagnosis, httpclient, iam, logs, sts
 from broker.chain import STS_SCOPES
 from broker.clock import SystemClock
 from broker.errors import BrokerError
@@ -27,10 +27,11 @@ def _say(line: str) -> None:
     print(logs.redact(line), file=sys.stdout, flush=True)
 
 
-async def _step(name: str, call: Callable[[], Awaitable[T]]) -> T:
+async def _step(ctx: diagnosis.Context, name: str, call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
-    except BrokerError as exc:
+    except BrokerError as raw:
+        exc = diagnosis.explain(raw, ctx)
         _say(
             f"FAIL  {name}: {exc.reason}" + (f" (HTTP {exc.upstream_status})" if exc.upstream_status else "")
         )
@@ -47,20 +48,22 @@ async def run_check(settings: Settings) -> int:
     cred = settings.cred
     _say(f"audience      {cred.audience}")
     _say(f"account       {settings.email}" + ("" if settings.impersonating else " (direct federated access)"))
+    ctx = diagnosis.Context(cred.audience, settings.service_account_email)
     session = httpclient.new_session()
     try:
         source = build_source(cred, session, aws_strict=settings.aws_strict)
-        seen = await _step("native identity", source.describe)
+        seen = await _step(ctx, "native identity", source.describe)
         _say(
             f"ok    native identity ({source.kind}): "
             + " ".join(f"{k}={v}" for k, v in seen.items() if k != "bind")
         )
         if "bind" in seen:
             _say(f"      bind roles/iam.workloadIdentityUser to: {seen['bind']}")
-        subject = await _step("subject token", source.subject_token)
+        subject = await _step(ctx, "subject token", source.subject_token)
         _say(f"ok    subject token ({source.kind}) obtained")
         scopes = STS_SCOPES if settings.impersonating else settings.scopes
         federated = await _step(
+            ctx,
             "STS token exchange",
             lambda: sts.exchange_token(
                 session,
@@ -77,6 +80,7 @@ async def run_check(settings: Settings) -> int:
             _say("skip  impersonation: no service account configured; ID tokens unavailable")
             return 0
         access = await _step(
+            ctx,
             "generateAccessToken",
             lambda: iam.generate_access_token(
                 session,
@@ -89,6 +93,7 @@ async def run_check(settings: Settings) -> int:
         )
         _say(f"ok    generateAccessToken for {settings.email}: access token {_expiry(access)}")
         id_token = await _step(
+            ctx,
             "generateIdToken",
             lambda: iam.generate_id_token(
                 session,

@@ -52,5 +52,9 @@ async def test_check_explains_an_iam_denial(google: FakeGoogle, cred_file: Path)
     assert code == 1
     assert "ok    STS token exchange" in out
     assert "FAIL  generateAccessToken: PERMISSION_DENIED" in out
-    assert "fix: grant roles/iam.workloadIdentityUser" in out
-    assert "add-iam-policy-binding" in out
+    assert (
+        f"fix: let the federated identity impersonate the service account: gcloud iam service-accounts "
+        f"add-iam-policy-binding {SA} --role=roles/iam.workloadIdentityUser "
+        "--member='principalSet://iam.googleapis.com/projects/123456789012/locations/global/"
+        "workloadIdentityPools/wif-broker-demo/*'"
+    ) in out
