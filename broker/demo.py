@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import daemon, envbundle, settings
-from broker.fakes import DEFAULT_AUDIENCE, DEFAULT_SERVICE_ACCOUNT, FakeGoogle
+from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
 
 DEMO_DEFAULTS = {"listen": ["127.0.0.1:8988"], "admin_listen": "127.0.0.1:8989", "zone": "us-central1-a"}
 ROTATE_SECONDS = 3600
@@ -30,19 +30,8 @@ async def run_demo(flags: Mapping[str, Any]) -> int:
             token_file = Path(tmp) / "token"
             token_file.write_text(google.subject_token(lifetime_seconds=2 * ROTATE_SECONDS))
             cred_file = Path(tmp) / "credentials.json"
-            cred_file.write_text(
-                json.dumps(
-                    {
-                        "type": "external_account",
-                        "audience": DEFAULT_AUDIENCE,
-                        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-                        "token_url": google.token_url,
-                        "service_account_impersonation_url": google.impersonation_url(),
-                        "credential_source": {"file": str(token_file), "format": {"type": "text"}},
-                    },
-                    indent=2,
-                )
-            )
+            info = google.credential_info(str(token_file))
+            cred_file.write_text(json.dumps(info, indent=2))
             merged = {**DEMO_DEFAULTS, **{k: v for k, v in flags.items() if v not in (None, [])}}
             merged["credentials"] = str(cred_file)
             resolved = settings.build(merged, environ={})

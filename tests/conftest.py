@@ -68,16 +68,7 @@ def token_file(tmp_path: Path, google: FakeGoogle) -> Path:
 
 
 def credential_info(google: FakeGoogle, token_path: Path, *, impersonate: bool = True) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "type": "external_account",
-        "audience": AUDIENCE,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "token_url": google.token_url,
-        "credential_source": {"file": str(token_path), "format": {"type": "text"}},
-    }
-    if impersonate:
-        info["service_account_impersonation_url"] = google.impersonation_url()
-    return info
+    return google.credential_info(str(token_path), impersonate=impersonate)
 
 
 @pytest.fixture

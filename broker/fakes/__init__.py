@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
+from broker.fakes._service import serve_loopback
 from broker.fakes.aws import (
     AwsCredentials,
     FakeAws,
@@ -49,18 +51,6 @@ DEFAULT_AUDIENCE = (
 DEFAULT_SERVICE_ACCOUNT = "app@wif-broker-demo.iam.gserviceaccount.com"
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, f"http://{host}:{port}"
-
-
 class FakeGoogle:
     """Issuer + FakeSts + FakeIam running on 127.0.0.1 ephemeral ports.
 
@@ -90,9 +80,9 @@ class FakeGoogle:
         if self._runners:
             return self
         try:
-            sts_runner, self._sts_base = await _serve(self.sts.app())
+            sts_runner, self._sts_base = await serve_loopback(self.sts.app())
             self._runners.append(sts_runner)
-            iam_runner, self._iam_base = await _serve(self.iam.app())
+            iam_runner, self._iam_base = await serve_loopback(self.iam.app())
             self._runners.append(iam_runner)
         except BaseException:
             await self.close()
@@ -129,6 +119,19 @@ class FakeGoogle:
     def impersonation_url(self, email: str = DEFAULT_SERVICE_ACCOUNT) -> str:
         """The ``service_account_impersonation_url`` for ``email``."""
         return f"{self.iam_base_url}/v1/projects/-/serviceAccounts/{email}:generateAccessToken"
+
+    def credential_info(self, token_file: str, *, impersonate: bool = True) -> dict[str, Any]:
+        """An ``external_account`` config, as gcloud writes it, pointing at these fakes."""
+        info: dict[str, Any] = {
+            "type": "external_account",
+            "audience": self.audience,
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": self.token_url,
+            "credential_source": {"file": token_file, "format": {"type": "text"}},
+        }
+        if impersonate:
+            info["service_account_impersonation_url"] = self.impersonation_url()
+        return info
 
     def subject_token(self, subject: str = DEFAULT_SUBJECT, lifetime_seconds: int = 3600) -> str:
         """A subject token STS will accept, minted at the fakes' own ``now``."""

@@ -166,3 +166,16 @@ class FakeService:
                 return web.Response(status=canned.status, text=canned.body, headers=canned.headers)
             return web.json_response(canned.body, status=canned.status, headers=canned.headers)
         return await handler(request)
+
+
+async def serve_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on an ephemeral 127.0.0.1 port; returns the runner and base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, f"http://{host}:{port}"

@@ -14,6 +14,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from broker.fakes._service import serve_loopback
 from broker.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
 from broker.fakes.aws_metadata import FakeEcsCredentials, FakeImds
 from broker.fakes.aws_sigv4 import (
@@ -48,18 +49,6 @@ __all__ = [
 ISOLATED_ENV = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, f"http://{host}:{port}"
-
-
 class FakeAws:
     """Account + IMDS + container endpoint + STS on 127.0.0.1 ephemeral ports.
 
@@ -88,7 +77,7 @@ class FakeAws:
             return self
         try:
             for name, service in (("imds", self.imds), ("container", self.container), ("sts", self.sts)):
-                runner, self._bases[name] = await _serve(service.app())
+                runner, self._bases[name] = await serve_loopback(service.app())
                 self._runners.append(runner)
         except BaseException:
             await self.close()
