@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from broker import credconfig, fileless
 from broker.credconfig import CredentialConfig
@@ -48,6 +49,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("azure-resource", "str", None, "Entra application ID URI for source = azure"),
     Spec("listen", "list", ("127.0.0.1:8988",), "metadata server address (repeatable)"),
     Spec("admin-listen", "str", "0.0.0.0:8989", "address of /healthz, /readyz, /metrics"),
+    Spec("imds-passthrough", "str", None, "transparent mode: forward non-GCE paths to this IMDS base URL"),
     Spec("project-id", "str", None, "project/project-id (default: from the service account email)"),
     Spec("numeric-project-id", "str", None, "project/numeric-project-id (default: from the audience)"),
     Spec("zone", "str", None, "instance/zone short name, e.g. us-central1-a"),
@@ -88,6 +90,7 @@ class Settings:
     aws_strict: bool
     instance_name: str
     instance_id: str
+    imds_passthrough: str = ""  # base URL of the host cloud's IMDS; "" = refuse non-GCE paths
 
     @property
     def impersonating(self) -> bool:
@@ -229,13 +232,14 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
     check_logging(values["log-level"], values["log-format"])
     if values["aws-credentials"] not in ("chain", "strict"):
         raise ConfigError("aws-credentials", f"{values['aws-credentials']!r} is not chain or strict")
+    listen = tuple(parse_address("listen", item) for item in values["listen"])
     host = socket.gethostname()
     return Settings(
         cred=cred,
         service_account_email=email,
         access_token_url=access_url,
         id_token_url=id_url,
-        listen=tuple(parse_address("listen", item) for item in values["listen"]),
+        listen=listen,
         admin_listen=parse_address("admin-listen", values["admin-listen"]),
         project_id=project_id,
         numeric_project_id=numeric,
@@ -249,7 +253,25 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
         instance_name=host,
         # A stable 19-digit id: clients only require digits (Go InstanceID, .NET).
         instance_id=str(int(hashlib.sha256(host.encode()).hexdigest()[:15], 16) % 10**19).rjust(19, "1"),
+        imds_passthrough=_passthrough(values["imds-passthrough"] or "", listen),
     )
+
+
+def _passthrough(value: str, listen: tuple[Address, ...]) -> str:
+    """The pass-through upstream as ``scheme://host[:port]``; "" when off."""
+    if not value:
+        return ""
+    parts = urlsplit(credconfig.check_url("imds-passthrough", value))
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError("imds-passthrough", f"{value!r} must be a base URL such as http://169.254.169.254")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if any(a.port == port and a.host == parts.hostname for a in listen):
+        raise ConfigError(
+            "imds-passthrough",
+            f"{value!r} is the broker's own listen address (a loop): with the address on lo the real "
+            "IMDS is unreachable from the pod; use the iptables variant (docs/transparent-mode.md)",
+        )
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _project_from_email(email: str) -> str:

@@ -9,7 +9,7 @@ from aiohttp import web
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.chain import TokenChain
 from broker.clock import Clock
-from broker.metadata import handlers, tree
+from broker.metadata import handlers, passthrough, tree
 from broker.metadata.wire import gce_wire
 from broker.metrics import Endpoint
 from broker.settings import Settings
@@ -36,9 +36,17 @@ def create_metadata_app(
         (f"{SA}/default/token", handlers.token, Endpoint.TOKEN),
         (f"{SA}/{settings.email}/token", handlers.token, Endpoint.TOKEN),
         ("/computeMetadata/v1{tail:(/.*)?}", handlers.metadata, Endpoint.OTHER),
-        # The catch-all guarantees every request meets the wire rules.
-        ("/{tail:.*}", handlers.not_found, Endpoint.OTHER),
+        ("/computeMetadata/{tail:.*}", handlers.not_found, Endpoint.OTHER),
     ]
     for path, handler, endpoint in routes:
         app.router.add_route("*", path, gce_wire(handler, endpoint))
+    # The catch-all guarantees every request meets the wire rules. Outside
+    # /computeMetadata/ only X-Forwarded-For is refused: the rest is not found
+    # (any method), or the host cloud's, relayed to its IMDS (transparent mode).
+    if settings.imds_passthrough:
+        passthrough.install(app, settings.imds_passthrough)
+        outside = gce_wire(passthrough.forward, Endpoint.PASSTHROUGH, gce_rules=False)
+    else:
+        outside = gce_wire(handlers.not_found, Endpoint.OTHER, gce_rules=False)
+    app.router.add_route("*", "/{tail:.*}", outside)
     return app

@@ -7,6 +7,9 @@
   from this pod (Google's k8s-metadata-proxy does the same).
 * ``Metadata-Flavor: Google`` required under ``/computeMetadata/`` → else 403; the
   root ``/`` answers without it, for Go's detection probe.
+* Outside ``/computeMetadata/`` (the catch-all: 404, or the IMDS pass-through of
+  transparent mode, ``passthrough.py``) only the ``X-Forwarded-For`` rule applies:
+  any method, no flavor check. Unknown paths are 404 whatever the method.
 * :class:`BrokerError` → 503 (transient) or 403/404 (denied), body redacted.
 
 This is a handler wrapper rather than an aiohttp middleware: the route table
@@ -56,14 +59,17 @@ def error_response(status: int, text: str, *, html: bool = True) -> web.Response
     return respond((text + "\n").encode(), HTML if html else PLAIN, status=status)
 
 
-def gce_wire(handler: Handler, endpoint: metrics.Endpoint = metrics.Endpoint.OTHER) -> Handler:
+def gce_wire(
+    handler: Handler, endpoint: metrics.Endpoint = metrics.Endpoint.OTHER, *, gce_rules: bool = True
+) -> Handler:
     """Apply the wire rules around ``handler``; ``endpoint`` labels its metrics
-    unless the handler decides per request (``request[ENDPOINT_KEY]``)."""
+    unless the handler decides per request (``request[ENDPOINT_KEY]``).
+    ``gce_rules=False`` (paths outside /computeMetadata/): the X-Forwarded-For rule only."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            response = _refusal(request) or await handler(request)
+            response = _refusal(request, gce_rules) or await handler(request)
         except web.HTTPException as exc:
             response = error_response(exc.status, exc.reason)
         except BrokerError as exc:
@@ -79,10 +85,12 @@ def gce_wire(handler: Handler, endpoint: metrics.Endpoint = metrics.Endpoint.OTH
     return wrapped
 
 
-def _refusal(request: web.Request) -> web.Response | None:
+def _refusal(request: web.Request, gce_rules: bool = True) -> web.Response | None:
     headers = request.headers
     if "X-Forwarded-For" in headers:
         return error_response(403, "Forbidden: requests carrying X-Forwarded-For are refused")
+    if not gce_rules:
+        return None
     path = request.path
     under = path.startswith("/computeMetadata/") or path == "/computeMetadata"
     if under and headers.get("Metadata-Flavor") != "Google":
