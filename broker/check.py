@@ -49,9 +49,11 @@ async def run_check(settings: Settings) -> int:
     _say(f"audience      {cred.audience}")
     _say(f"account       {settings.email}" + ("" if settings.impersonating else " (direct federated access)"))
     ctx = diagnosis.Context(cred.audience, settings.service_account_email)
+    closers: list[Callable[[], Awaitable[None]]] = []
     session = httpclient.new_session()
     try:
         source = build_source(cred, session, aws_strict=settings.aws_strict)
+        closers.append(source.close)
         seen = await _step(ctx, "native identity", source.describe)
         _say(
             f"ok    native identity ({source.kind}): "
@@ -112,4 +114,6 @@ async def run_check(settings: Settings) -> int:
     except BrokerError:
         return 1
     finally:
+        for close in closers:
+            await close()
         await session.close()

@@ -58,7 +58,12 @@ class AwsSource:
 
 @dataclass(frozen=True, slots=True)
 class AzureSource:
-    """azure-identity supplies the token for ``resource`` (file-less ``source = azure``)."""
+    """azure-identity supplies the token for ``resource``.
+
+    File-less ``source = azure``, or ``credential_source.azure_resource`` in a
+    credential file (a wif-broker extension that google-auth ignores, so a
+    gcloud-generated Azure file keeps working for both).
+    """
 
     resource: str
 
@@ -180,6 +185,17 @@ def parse_source(info: dict[str, Any], token_type: str) -> CredentialSource:
             "credential_source.certificate",
             "X.509 (mTLS) workload identity is not supported by wif-broker; use file, url or aws",
         )
+    azure_resource = _string(source, "azure_resource", prefix="credential_source.")
+    if azure_resource:
+        # wif-broker extension: azure-identity (workload or managed identity) gives the
+        # token; a url/file next to it is left for google-auth, which ignores this key.
+        if "environment_id" in source or token_type not in JWT_TOKEN_TYPES:
+            raise ConfigError(
+                "credential_source.azure_resource", "needs a JWT subject_token_type and no environment_id"
+            )
+        if any(c.isspace() for c in azure_resource):
+            raise ConfigError("credential_source.azure_resource", f"{azure_resource!r} is not a URI or GUID")
+        return AzureSource(azure_resource)
     if token_type == AWS_TOKEN_TYPE or "environment_id" in source:
         env_id = _string(source, "environment_id", required=True, prefix="credential_source.")
         if env_id != "aws1":

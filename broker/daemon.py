@@ -46,6 +46,7 @@ async def serve(
         session = httpclient.new_session()
         stack.push_async_callback(session.close)
         source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
+        stack.push_async_callback(source.close)
         chain = TokenChain(settings, source, session, clock)
         stack.push_async_callback(chain.close)
         admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)

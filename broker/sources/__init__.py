@@ -28,6 +28,10 @@ class SubjectTokenSource(Protocol):
         """What this identity looks like to Google (claims, principal), never a token."""
         ...
 
+    async def close(self) -> None:
+        """Release what the source holds (SDK credentials); idempotent."""
+        ...
+
 
 def build_source(
     cred: CredentialConfig,
@@ -51,5 +55,8 @@ def build_source(
         env = os.environ if environ is None else environ
         return AwsTokenSource(source, cred.audience, session, env, strict=aws_strict)
     if isinstance(source, AzureSource):
-        raise ConfigError("source", "the azure source is not available in this build yet")
+        from broker.sources.azure import AzureTokenSource
+
+        env = os.environ if environ is None else environ
+        return AzureTokenSource(source, session, env, cred.audience)
     raise ConfigError("credential_source", "unsupported")

@@ -151,3 +151,6 @@ class AwsTokenSource:
         if reply.status != 200:
             return ""
         return region_from_zone(reply.body.decode().strip())
+
+    async def close(self) -> None:
+        return None  # nothing held between exchanges

@@ -40,6 +40,9 @@ class FileTokenSource:
     async def describe(self) -> dict[str, str]:
         return {"path": self._source.path, **describe_jwt(await self.subject_token())}
 
+    async def close(self) -> None:
+        return None  # nothing held between exchanges
+
 
 def _read(path: str) -> bytes:
     with Path(path).open("rb") as handle:

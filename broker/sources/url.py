@@ -45,3 +45,6 @@ class UrlTokenSource:
 
     async def describe(self) -> dict[str, str]:
         return {"url": self._source.url.split("?")[0], **describe_jwt(await self.subject_token())}
+
+    async def close(self) -> None:
+        return None  # nothing held between exchanges
