@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any
 
-from aiohttp import web
-
-from broker.fakes._service import serve_loopback
+from broker.fakes._service import LoopbackServices, Service
 from broker.fakes.aws import (
     AwsCredentials,
     FakeAws,
@@ -51,7 +48,7 @@ DEFAULT_AUDIENCE = (
 DEFAULT_SERVICE_ACCOUNT = "app@wif-broker-demo.iam.gserviceaccount.com"
 
 
-class FakeGoogle:
+class FakeGoogle(LoopbackServices):
     """Issuer + FakeSts + FakeIam running on 127.0.0.1 ephemeral ports.
 
     Use as ``async with FakeGoogle(...) as google:`` or call :meth:`start` and
@@ -71,50 +68,19 @@ class FakeGoogle:
         self.issuer = FakeOidcIssuer()
         self.sts = FakeSts(self.issuer, audience, lifetime_seconds=lifetime_seconds, now=now)
         self.iam = FakeIam(self.sts, set(service_accounts), lifetime_seconds=lifetime_seconds, now=now)
-        self._runners: list[web.AppRunner] = []
-        self._sts_base: str | None = None
-        self._iam_base: str | None = None
+        super().__init__()
 
-    async def start(self) -> FakeGoogle:
-        """Bind both services; idempotent."""
-        if self._runners:
-            return self
-        try:
-            sts_runner, self._sts_base = await serve_loopback(self.sts.app())
-            self._runners.append(sts_runner)
-            iam_runner, self._iam_base = await serve_loopback(self.iam.app())
-            self._runners.append(iam_runner)
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def close(self) -> None:
-        """Stop serving; safe to call more than once."""
-        runners, self._runners = self._runners, []
-        for runner in reversed(runners):
-            await runner.cleanup()
-        self._sts_base = self._iam_base = None
-
-    async def __aenter__(self) -> FakeGoogle:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+    def _services(self) -> list[Service]:
+        return [("sts", self.sts.app(), None), ("iam", self.iam.app(), None)]
 
     @property
     def token_url(self) -> str:
         """The STS token endpoint, for ``token_url`` in an external_account config."""
-        return f"{self._started(self._sts_base)}/v1/token"
+        return f"{self._base('sts')}/v1/token"
 
     @property
     def iam_base_url(self) -> str:
-        return self._started(self._iam_base)
+        return self._base("iam")
 
     def impersonation_url(self, email: str = DEFAULT_SERVICE_ACCOUNT) -> str:
         """The ``service_account_impersonation_url`` for ``email``."""
@@ -136,9 +102,3 @@ class FakeGoogle:
     def subject_token(self, subject: str = DEFAULT_SUBJECT, lifetime_seconds: int = 3600) -> str:
         """A subject token STS will accept, minted at the fakes' own ``now``."""
         return self.issuer.mint(self.audience, subject, lifetime_seconds, now=self._now())
-
-    @staticmethod
-    def _started(base: str | None) -> str:
-        if base is None:
-            raise RuntimeError("FakeGoogle is not running; use 'async with' or await start() first")
-        return base

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -168,14 +170,78 @@ class FakeService:
         return await handler(request)
 
 
-async def serve_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+async def serve_loopback(
+    app: web.Application, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on an ephemeral 127.0.0.1 port; returns the runner and base URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
         host, port = runner.addresses[0][:2]
     except BaseException:
         await runner.cleanup()
         raise
-    return runner, f"http://{host}:{port}"
+    return runner, f"{'https' if ssl_context else 'http'}://{host}:{port}"
+
+
+Service = tuple[str, web.Application, ssl.SSLContext | None]  # name, app, TLS or plain
+
+
+class LoopbackServices:
+    """Fake services on 127.0.0.1 ephemeral ports, started and stopped together.
+
+    Subclasses list them in :meth:`_services`; use as ``async with`` or call
+    :meth:`start` / :meth:`close` (both idempotent). URLs exist once started.
+    """
+
+    def __init__(self) -> None:
+        self._runners: list[web.AppRunner] = []
+        self._bases: dict[str, str] = {}
+
+    def _services(self) -> list[Service]:
+        raise NotImplementedError
+
+    async def _before_start(self) -> None:
+        """Hook: prepare what :meth:`_services` needs (e.g. a test CA)."""
+
+    async def _after_close(self) -> None:
+        """Hook: release what :meth:`_before_start` made."""
+
+    async def start(self) -> Self:
+        if self._runners:
+            return self
+        try:
+            await self._before_start()
+            for name, app, context in self._services():
+                runner, self._bases[name] = await serve_loopback(app, context)
+                self._runners.append(runner)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        runners, self._runners = self._runners, []
+        for runner in reversed(runners):
+            await runner.cleanup()
+        self._bases.clear()
+        await self._after_close()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _base(self, name: str) -> str:
+        if name not in self._bases:
+            raise RuntimeError(
+                f"{type(self).__name__} is not running; use 'async with' or await start() first"
+            )
+        return self._bases[name]

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from types import TracebackType
 
-from aiohttp import web
-
-from broker.fakes._service import serve_loopback
+from broker.fakes._service import LoopbackServices, Service
 from broker.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
 from broker.fakes.aws_metadata import FakeEcsCredentials, FakeImds
 from broker.fakes.aws_sigv4 import (
@@ -49,7 +46,7 @@ __all__ = [
 ISOLATED_ENV = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
 
 
-class FakeAws:
+class FakeAws(LoopbackServices):
     """Account + IMDS + container endpoint + STS on 127.0.0.1 ephemeral ports.
 
     Use as ``async with FakeAws() as aws:``. ``pod_identity_token`` makes the
@@ -68,44 +65,14 @@ class FakeAws:
         self.imds = FakeImds(self.account, now=now)
         self.container = FakeEcsCredentials(self.account, authorization=pod_identity_token, now=now)
         self.sts = FakeAwsSts(self.account, issuer=issuer, now=now)
-        self._runners: list[web.AppRunner] = []
-        self._bases: dict[str, str] = {}
+        super().__init__()
 
-    async def start(self) -> FakeAws:
-        """Bind all three services; idempotent."""
-        if self._runners:
-            return self
-        try:
-            for name, service in (("imds", self.imds), ("container", self.container), ("sts", self.sts)):
-                runner, self._bases[name] = await serve_loopback(service.app())
-                self._runners.append(runner)
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def close(self) -> None:
-        """Stop serving; safe to call more than once."""
-        runners, self._runners = self._runners, []
-        for runner in reversed(runners):
-            await runner.cleanup()
-        self._bases.clear()
-
-    async def __aenter__(self) -> FakeAws:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def _base(self, name: str) -> str:
-        if name not in self._bases:
-            raise RuntimeError("FakeAws is not running; use 'async with' or await start() first")
-        return self._bases[name]
+    def _services(self) -> list[Service]:
+        return [
+            ("imds", self.imds.app(), None),
+            ("container", self.container.app(), None),
+            ("sts", self.sts.app(), None),
+        ]
 
     @property
     def imds_url(self) -> str:

@@ -12,16 +12,16 @@ tenant's issuer and the app's audience (``FakeAzure.google_provider``).
 
 from __future__ import annotations
 
+import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from broker.fakes._service import FakeService
+from broker.fakes._service import FakeService, LoopbackServices, Service
 from broker.fakes.azure_entra import (
     AKS_ISSUER,
     DEFAULT_APP,
@@ -128,7 +128,7 @@ class FakeAzureImds(FakeService):
         )
 
 
-class FakeAzure:
+class FakeAzure(LoopbackServices):
     """Tenant + IMDS (http) + Entra ID (https, test CA) + an AKS OIDC issuer, on 127.0.0.1.
 
     Use as ``async with FakeAzure() as azure:``; the CA and keys live in a
@@ -148,59 +148,24 @@ class FakeAzure:
         self._now = now
         self.imds = FakeAzureImds(self.tenant, now=now)
         self.entra = FakeEntraId(self.tenant, now=now)
-        self._runners: list[web.AppRunner] = []
-        self._bases: dict[str, str] = {}
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._ca_file: Path | None = None
+        self._entra_tls: ssl.SSLContext | None = None
+        super().__init__()
 
-    async def start(self) -> FakeAzure:
-        """Bind both services; idempotent."""
-        if self._runners:
-            return self
-        try:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fake-azure-")
-            ca = make_test_ca(Path(self._tmp.name))
-            self._ca_file = ca.ca_file
-            for name, service, context in (
-                ("imds", self.imds, None),
-                ("entra", self.entra, ca.server_context),
-            ):
-                runner = web.AppRunner(service.app(), access_log=None)
-                await runner.setup()
-                self._runners.append(runner)
-                await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
-                host, port = runner.addresses[0][:2]
-                self._bases[name] = f"{'https' if context else 'http'}://{host}:{port}"
-        except BaseException:
-            await self.close()
-            raise
-        return self
+    async def _before_start(self) -> None:
+        # Entra is https-only for azure-identity: a CA made per run, removed on close.
+        self._tmp = tempfile.TemporaryDirectory(prefix="fake-azure-")
+        ca = make_test_ca(Path(self._tmp.name))
+        self._ca_file, self._entra_tls = ca.ca_file, ca.server_context
 
-    async def close(self) -> None:
-        """Stop serving and remove the CA; safe to call more than once."""
-        runners, self._runners = self._runners, []
-        for runner in reversed(runners):
-            await runner.cleanup()
-        self._bases.clear()
+    def _services(self) -> list[Service]:
+        return [("imds", self.imds.app(), None), ("entra", self.entra.app(), self._entra_tls)]
+
+    async def _after_close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
-            self._tmp = self._ca_file = None
-
-    async def __aenter__(self) -> FakeAzure:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def _base(self, name: str) -> str:
-        if name not in self._bases:
-            raise RuntimeError("FakeAzure is not running; use 'async with' or await start() first")
-        return self._bases[name]
+            self._tmp = self._ca_file = self._entra_tls = None
 
     @property
     def imds_base(self) -> str:

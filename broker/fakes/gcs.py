@@ -18,13 +18,12 @@ import base64
 import hashlib
 import ssl
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
-from broker.fakes._service import FakeService, Handler, google_error
+from broker.fakes._service import FakeService, Handler, LoopbackServices, Service, google_error
 
 CREATED = "2024-01-01T00:00:00.000Z"
 _REALM = 'Bearer realm="https://accounts.google.com/"'
@@ -44,7 +43,7 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-class FakeGcs(FakeService):
+class FakeGcs(FakeService, LoopbackServices):
     """Buckets of objects behind a bearer-token check; ``calls`` and ``bearers`` record traffic."""
 
     def __init__(
@@ -55,8 +54,7 @@ class FakeGcs(FakeService):
         self.ssl_context = ssl_context
         self.buckets: dict[str, dict[str, bytes]] = {}
         self.bearers: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self._base: str | None = None
+        LoopbackServices.__init__(self)
 
     def put(self, bucket: str, name: str, data: bytes) -> None:
         """Create the bucket if needed and store one object in it."""
@@ -64,45 +62,13 @@ class FakeGcs(FakeService):
 
     # -- serving ----------------------------------------------------------------------------
 
-    async def start(self) -> FakeGcs:
-        """Bind 127.0.0.1 on an ephemeral port; idempotent."""
-        if self._runner is not None:
-            return self
-        runner = web.AppRunner(self.app(), access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context).start()
-            host, port = runner.addresses[0][:2]
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        scheme = "https" if self.ssl_context is not None else "http"
-        self._base = f"{scheme}://{host}:{port}"
-        return self
-
-    async def close(self) -> None:
-        runner, self._runner, self._base = self._runner, None, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> FakeGcs:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+    def _services(self) -> list[Service]:
+        return [("gcs", self.app(), self.ssl_context)]
 
     @property
     def url(self) -> str:
         """``scheme://127.0.0.1:PORT``: google-cloud-storage's ``api_endpoint``."""
-        if self._base is None:
-            raise RuntimeError("FakeGcs is not running; use 'async with' or await start() first")
-        return self._base
+        return self._base("gcs")
 
     @property
     def port(self) -> int:
