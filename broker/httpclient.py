@@ -39,7 +39,20 @@ class Reply:
     headers: Mapping[str, str]
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        return loads(self.body)
+
+
+def loads(body: bytes) -> Any:
+    """``json.loads`` that fails only with ValueError, whatever an upstream sends.
+
+    A body nested deeper than the interpreter's recursion limit (``[[[[…`` fits
+    easily in ``MAX_BODY``) makes the stdlib decoder raise RecursionError, which
+    callers parsing a reply do not expect: it would surface as a 500.
+    """
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 async def request(
@@ -51,9 +64,14 @@ async def request(
     headers: Mapping[str, str] | None = None,
     data: Mapping[str, str] | None = None,
     json_body: Any = None,
-    client_timeout: aiohttp.ClientTimeout = TIMEOUT,
+    client_timeout: aiohttp.ClientTimeout | None = None,
 ) -> Reply:
-    """Send one request; connection problems become :class:`Transient` naming ``step``."""
+    """Send one request; connection problems become :class:`Transient` naming ``step``.
+
+    Without ``client_timeout`` the session's own timeout applies (``TIMEOUT`` for
+    :func:`new_session`), so whoever builds the session decides, tests included.
+    """
+    timeout = session.timeout if client_timeout is None else client_timeout
     try:
         async with session.request(
             method,
@@ -61,13 +79,18 @@ async def request(
             headers=headers,
             data=data,
             json=json_body,
-            timeout=client_timeout,
+            timeout=timeout,
             allow_redirects=False,
         ) as resp:
-            body = await resp.content.read(MAX_BODY + 1)
-            if len(body) > MAX_BODY:
+            if (resp.content_length or 0) > MAX_BODY:
                 raise Transient(step, f"response from {_host(url)} is larger than {MAX_BODY} bytes")
-            return Reply(resp.status, body, dict(resp.headers))
+            # read(n) returns what has arrived, up to n: loop to the end or past the bound.
+            body = bytearray()
+            while chunk := await resp.content.read(MAX_BODY + 1 - len(body)):
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise Transient(step, f"response from {_host(url)} is larger than {MAX_BODY} bytes")
+            return Reply(resp.status, bytes(body), dict(resp.headers))
     except TimeoutError:
         raise Transient(step, f"timed out talking to {_host(url)}") from None
     except aiohttp.ClientError as exc:
@@ -107,7 +130,7 @@ def upstream_error(
 
 def _decode_error(body: bytes) -> tuple[str, str]:
     try:
-        data = json.loads(body)
+        data = loads(body)
     except ValueError:
         text = body[:300].decode("utf-8", "replace").strip()
         return "", text

@@ -83,6 +83,8 @@ async def generate_id_token(
     return Token(TokenKind.ID, value, expires_at)
 
 
-def _parse_rfc3339(text: str) -> float:
+def _parse_rfc3339(text: object) -> float:
     # Real IAM sends "2020-08-11T07:55:22Z"; accept fractions and offsets too.
+    if not isinstance(text, str):
+        raise TypeError("expireTime is not a string")
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

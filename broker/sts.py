@@ -8,6 +8,7 @@ from broker import httpclient
 from broker.errors import Step, Transient
 from broker.tokens import ScopeSet, Token, TokenKind
 
+MAX_EXPIRES_IN = 7 * 24 * 3600  # STS issues ~1 h tokens; anything beyond a week is garbage
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
@@ -57,7 +58,9 @@ async def exchange_token(
         value = data["access_token"]
         # google-auth tolerates a string here, so must we.
         expires_in = int(data["expires_in"])
-    except (ValueError, KeyError, TypeError):
+        if expires_in > MAX_EXPIRES_IN:  # absurd values would overflow the expiry arithmetic
+            raise ValueError(expires_in)
+    except (ValueError, KeyError, TypeError, OverflowError):
         raise Transient(Step.STS, "response is not a token JSON object", upstream_status=200) from None
     if not isinstance(value, str) or not value:
         raise Transient(Step.STS, "response has an empty access_token", upstream_status=200)
