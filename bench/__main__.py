@@ -1,5 +1,12 @@
 """``python -m bench``: run every benchmark, print the table, write docs/performance.md.
 
+``python -m bench resilience [...]`` runs the long resilience benchmarks instead
+(``bench/resilience.py``; writes docs/resilience.md).
+
+``python -m bench nginx [...]`` measures the broker and the aiohttp baseline
+against nginx serving the same JSON from a file (``bench/nginx.py``; writes
+docs/performance-nginx.md).
+
 Exit status: 0 when every measurement ran (a missed target is reported, not an
 error, unless ``--strict``); 1 when a herd check failed or a measurement was
 invalid (errors, a server died); 2 when wrk is missing or the arguments are bad.
@@ -150,6 +157,15 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["resilience"]:
+        from bench import resilience
+
+        return resilience.main(given[1:])
+    if given[:1] == ["nginx"]:
+        from bench import nginx
+
+        return nginx.main(given[1:])
     args = parse_args(argv)
     if args.profile and shutil.which("py-spy") is None:
         print("bench: --profile needs py-spy on PATH (pip install py-spy)", file=sys.stderr)

@@ -173,6 +173,10 @@ def markdown(res: Results) -> str:
     )
     out.append(f"```sh\n{res.command}\n```\n")
     out.append(
+        "The practical ceiling, nginx serving the same JSON from a file, is measured by "
+        "`python -m bench nginx` into [performance-nginx.md](performance-nginx.md).\n"
+    )
+    out.append(
         _md_table(
             ["", ""],
             [
