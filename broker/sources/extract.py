@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from broker import httpclient
 from broker.credconfig import TokenFormat
 from broker.errors import Step, Transient
 from broker.tokens import unverified_claims
@@ -26,7 +25,7 @@ def extract(raw: bytes, fmt: TokenFormat, where: str) -> str:
     text = raw.decode("utf-8", "replace")
     if fmt.type == "json":
         try:
-            data = json.loads(text)
+            data = httpclient.loads(text.encode())  # bounded nesting: ValueError, never RecursionError
         except ValueError:
             raise Transient(Step.SUBJECT_TOKEN, f"{where} is not valid JSON") from None
         value = data.get(fmt.subject_token_field_name) if isinstance(data, dict) else None
