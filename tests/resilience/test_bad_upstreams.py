@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from broker import settings
 from broker.clock import ManualClock
 from broker.fakes import FakeGoogle
 from broker.httpclient import MAX_BODY
+from tests.conftest import credential_info
 from tests.resilience._support import (
     IDENTITY_PATH,
     POLICY_BACKOFF_CAP,
@@ -267,3 +269,18 @@ async def test_endless_chunked_body_is_cut_at_the_bound(tmp_path: Path, google: 
     assert answer.status == 503, answer.text
     assert answer.text.startswith(f"sts failed: response from {host}:{port} is larger than {MAX_BODY} bytes")
     assert sent < 64 * MAX_BODY, "the broker read the whole stream"
+
+
+async def test_deeply_nested_json_token_file_is_a_503(tmp_path: Path, google: FakeGoogle) -> None:
+    """A ``format: json`` token file (or URL source body) nested 400,000 deep."""
+    path = tmp_path / "token.json"
+    path.write_text(nested(400_000))
+    info = credential_info(google, path)
+    info["credential_source"]["format"] = {"type": "json", "subject_token_field_name": "access_token"}
+    cred = tmp_path / "json-credentials.json"
+    cred.write_text(json.dumps(info))
+    resolved = write_settings(tmp_path, google, path, credentials=str(cred))
+    async with aiohttp.ClientSession() as session, serve_chain(resolved, session) as url:
+        answer = await token(url)
+    assert answer.status == 503, answer.text
+    assert answer.text.startswith("subject_token failed"), answer.text
