@@ -8,8 +8,10 @@ clock. Semantics (SPEC §4, reference/style-and-architecture.md §4):
   insert happen with no ``await`` between, so concurrent callers share one call.
 * Each stored token gets an owned background task that reloads it at
   ``refresh_at`` (``refresh_before`` plus jitter ahead of expiry), so callers never
-  wait on rotation. Keys nobody asked for since the last load are dropped
-  instead of refreshed, unless ``keep_warm`` says otherwise.
+  wait on rotation. A key's *first* token refreshes at a uniformly random point
+  before that, so a fleet started together does not keep refreshing together.
+  Keys nobody asked for since the last load are dropped instead of refreshed,
+  unless ``keep_warm`` says otherwise.
 * A failed refresh keeps serving the old token while it is servable and retries
   with capped exponential backoff and jitter; :class:`Denied` evicts. While a key
   has no servable token, its last error is returned until the backoff elapses,
@@ -41,6 +43,13 @@ class Policy:
     refresh_before: float = 600
     min_serve_ttl: float = 300
     jitter_fraction: float = 0.1  # of the token lifetime, subtracted at random from refresh_at
+    # Brokers rolled out together mint together. Jitter of one lifetime spreads their
+    # refreshes only a few minutes, and later draws widen that like a random walk
+    # (weeks to even out): bench/fleet.py measured peak/mean 7.6 per minute for 10,000
+    # brokers. Drawing the first refresh uniformly over the whole window gives the herd
+    # even phases at once (1.2), for about one extra call per key per process start.
+    spread_first_refresh: bool = True
+    first_refresh_floor: float = 60.0  # not sooner than this after the mint (or half the window)
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     retry_after_cap: float = 300.0
@@ -162,14 +171,15 @@ class TokenCache(Generic[K]):
             self._publish()
             raise
         entry = self._entries.setdefault(key, _Entry())
+        first = entry.token is None
         entry.token, entry.failures, entry.last_error = token, 0, None
-        entry.refresh_at = self._refresh_at(token, started)
+        entry.refresh_at = self._refresh_at(token, started, first=first)
         self._publish()
         if key not in self._refreshers and not self._closed:
             self._refreshers[key] = asyncio.get_running_loop().create_task(self._refresh_loop(key))
         return token
 
-    def _refresh_at(self, token: Token, now: float) -> float:
+    def _refresh_at(self, token: Token, now: float, *, first: bool = False) -> float:
         policy = self._policy
         lifetime = max(token.expires_at - now, 0.0)
         ideal = (
@@ -177,7 +187,11 @@ class TokenCache(Generic[K]):
         )
         servable_until = token.expires_at - policy.min_serve_ttl
         # Short-lived tokens: still leave half the servable window before renewing.
-        return max(ideal, now + (servable_until - now) / 2)
+        normal = max(ideal, now + (servable_until - now) / 2)
+        if not (first and policy.spread_first_refresh):
+            return normal
+        span = max(normal - now, 0.0)
+        return now + self._rng.uniform(min(policy.first_refresh_floor, span / 2), span)
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         policy = self._policy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -29,11 +30,13 @@ class Upstream:
         self.clock = clock
         self.lifetime = lifetime
         self.calls: list[object] = []
+        self.times: list[float] = []  # when each call was made
         self.gate: asyncio.Event | None = None
         self.fail_with: BrokerError | None = None
 
     async def __call__(self, key: object) -> Token:
         self.calls.append(key)
+        self.times.append(self.clock.wall())
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
@@ -41,13 +44,15 @@ class Upstream:
         return Token(TokenKind.ACCESS, f"token-{len(self.calls)}", self.clock.wall() + self.lifetime)
 
 
-def make_cache(clock: ManualClock, upstream: Upstream, **kwargs: object) -> TokenCache[str]:
+def make_cache(
+    clock: ManualClock, upstream: Upstream, policy: Policy = POLICY, **kwargs: object
+) -> TokenCache[str]:
     return TokenCache[str](
         metrics.Kind.ACCESS,
         Step.IAM_ACCESS,
         upstream,
         clock,
-        POLICY,
+        policy,
         rng=random.Random(7),
         **kwargs,  # type: ignore[arg-type]
     )
@@ -120,7 +125,7 @@ async def test_background_refresh_before_expiry_without_blocking_callers(clock: 
 
 async def test_refresh_time_is_jittered_between_bounds(clock: ManualClock) -> None:
     upstream = Upstream(clock)
-    cache = make_cache(clock, upstream, keep_warm=lambda k: True)
+    cache = make_cache(clock, upstream, replace(POLICY, spread_first_refresh=False), keep_warm=lambda k: True)
     await cache.get("a")
     # Not before expiry - refresh_before - 10% of the lifetime ...
     await clock.advance(LIFETIME - 600 - 0.1 * LIFETIME - 1)
@@ -128,6 +133,39 @@ async def test_refresh_time_is_jittered_between_bounds(clock: ManualClock) -> No
     # ... and no later than expiry - refresh_before.
     await clock.advance(0.1 * LIFETIME + 1)
     assert len(upstream.calls) == 2
+    await cache.close()
+
+
+async def test_first_refresh_is_spread_over_the_window_later_ones_jittered(clock: ManualClock) -> None:
+    """Keys minted together (a fleet rolled out at once) must not refresh together: the
+    first refresh is uniform between mint + first_refresh_floor and the normal jittered
+    time; the refreshes after it keep the normal bounds."""
+    upstream = Upstream(clock)
+    cache = make_cache(clock, upstream, keep_warm=lambda k: True)
+    keys = [f"k{i}" for i in range(200)]
+    start = clock.wall()
+    await asyncio.gather(*(cache.get(k) for k in keys))
+    normal_latest = LIFETIME - 600
+    floor = POLICY.first_refresh_floor
+
+    def calls_of(key: str) -> list[float]:
+        return [t - start for k, t in zip(upstream.calls, upstream.times, strict=True) if k == key]
+
+    while min(len(calls_of(k)) for k in keys) < 3:
+        await clock.advance(10)
+    first = sorted(calls_of(k)[1] for k in keys)
+    assert floor <= first[0], first[0]
+    assert first[-1] <= normal_latest, first[-1]
+    # Uniform over [60, 3000]: each tenth of it holds about 20 of the 200. The unspread
+    # policy puts them all inside its 360 s jitter window, i.e. two tenths.
+    width = (normal_latest - floor) / 10
+    per_tenth = [sum(1 for t in first if floor + i * width <= t < floor + (i + 1) * width) for i in range(10)]
+    assert min(per_tenth) >= 8, per_tenth
+    assert max(per_tenth) <= 35, per_tenth
+    # Every key's second token refreshes within the normal bounds of its own lifetime.
+    for key in keys:
+        lived = calls_of(key)[2] - calls_of(key)[1]
+        assert LIFETIME - 600 - 0.1 * LIFETIME - 10 <= lived <= LIFETIME - 600 + 10, (key, lived)
     await cache.close()
 
 

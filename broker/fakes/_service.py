@@ -44,6 +44,7 @@ class Recorded:
     body: bytes = field(repr=False)
     form: dict[str, str] | None = None
     json: Any = None
+    at: float = 0.0  # the fake's clock when the request arrived
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class FakeService:
         for name, value in request.headers.items():
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        call = Recorded(request.method, request.path, headers, body, form, parsed_json)
+        call = Recorded(request.method, request.path, headers, body, form, parsed_json, self.now())
         self.calls.append(call)
         request[_RECORDED] = call
         if self.gate is not None:

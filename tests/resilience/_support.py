@@ -137,6 +137,11 @@ class Outage:
         """Requests the fake received since the outage began."""
         return len(self.fake.calls) - self.calls_before
 
+    @property
+    def first_call_at(self) -> float:
+        """The fake's clock at the first request the outage answered."""
+        return self.fake.calls[self.calls_before].at
+
     def end(self) -> None:
         self.fake._canned.clear()
 
