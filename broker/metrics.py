@@ -200,3 +200,9 @@ def status_class(status: int) -> str:
 
 def count_request(endpoint: Endpoint, status: int) -> None:
     REQUESTS.cells[(endpoint.value, status_class(status))].value += 1
+
+
+def request_cells(endpoint: Endpoint) -> tuple[Cell, ...]:
+    """The request counter's cells of one endpoint class, indexed by ``min(status // 100, 5)``:
+    resolved once per route, so counting a request is an index and an add."""
+    return tuple(REQUESTS.cells[(endpoint.value, c)] for c in _CLASSES)

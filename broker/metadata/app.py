@@ -28,18 +28,21 @@ def create_metadata_app(
     app[CLOCK] = clock
     app[TREE] = tree.build_tree(settings)
     app[SHUTDOWN] = shutdown or asyncio.Event()
+    token = handlers.token_endpoint(app)
     routes = [
         ("/", handlers.root, Endpoint.ROOT),
         ("/computeMetadata", handlers.compute_metadata, Endpoint.LISTING),
         ("/computeMetadata/", handlers.compute_metadata, Endpoint.LISTING),
         # The token paths as plain routes: looked up by dict, not by regex (hot path).
-        (f"{SA}/default/token", handlers.token, Endpoint.TOKEN),
-        (f"{SA}/{settings.email}/token", handlers.token, Endpoint.TOKEN),
+        (f"{SA}/default/token", token, Endpoint.TOKEN),
+        (f"{SA}/{settings.email}/token", token, Endpoint.TOKEN),
         ("/computeMetadata/v1{tail:(/.*)?}", handlers.metadata, Endpoint.OTHER),
         ("/computeMetadata/{tail:.*}", handlers.not_found, Endpoint.OTHER),
     ]
     for path, handler, endpoint in routes:
-        app.router.add_route("*", path, gce_wire(handler, endpoint))
+        # Only the tree handler tells listings, values, tokens and identity apart itself.
+        per_request = handler is handlers.metadata
+        app.router.add_route("*", path, gce_wire(handler, endpoint, endpoint_per_request=per_request))
     # The catch-all guarantees every request meets the wire rules. Outside
     # /computeMetadata/ only X-Forwarded-For is refused: the rest is not found
     # (any method), or the host cloud's, relayed to its IMDS (transparent mode).

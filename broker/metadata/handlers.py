@@ -11,7 +11,7 @@ from broker import metrics
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.errors import BrokerError
 from broker.metadata import tree, watch
-from broker.metadata.wire import ENDPOINT_KEY, JSON, TEXT, error_response, respond
+from broker.metadata.wire import ENDPOINT_KEY, JSON, TEXT, Handler, error_response, respond
 from broker.tokens import IdTokenKey, ScopeSet
 
 PREFIX = "/computeMetadata/v1/"
@@ -74,17 +74,28 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     return respond(rendered.body, rendered.content_type, etag=rendered.etag)
 
 
-async def token(request: web.Request) -> web.Response:
-    # Most clients send no query at all; don't build a MultiDict for nothing.
-    raw_scopes = request.query.get("scopes") if request.query_string else None
-    scopes = _scope_set(raw_scopes) if raw_scopes else request.app[SETTINGS].scopes
-    chain = request.app[CHAIN]
-    # A cache hit is answered without awaiting anything: the common case by far.
-    access = chain.cached_access_token(scopes) or await chain.access_token(scopes)
-    expires_in = int(access.seconds_left(request.app[CLOCK].wall()))
-    # expires_in counts down, so the body is rebuilt each time around the one
-    # part that is costly to encode (the token, JSON-escaped once per token).
-    return respond(_TOKEN_JSON % (_json_string(access.value), expires_in), JSON)
+def token_endpoint(app: web.Application) -> Handler:
+    """The token handler, bound once to the app's chain, clock and default scopes: the
+    three ``request.app[...]`` lookups were a sixth of the broker's own time per request."""
+    chain, clock, default = app[CHAIN], app[CLOCK], app[SETTINGS].scopes
+
+    async def token(request: web.Request) -> web.Response:
+        # Most clients send no query at all; don't build a MultiDict for nothing.
+        raw_scopes = request.query.get("scopes") if request.query_string else None
+        scopes = _scope_set(raw_scopes) if raw_scopes else default
+        # A cache hit is answered without awaiting anything: the common case by far.
+        access = chain.cached_access_token(scopes) or await chain.access_token(scopes)
+        expires_in = int(access.expires_at - clock.wall())
+        # expires_in counts down, so the body is rebuilt each time around the one
+        # part that is costly to encode (the token, JSON-escaped once per token).
+        return respond(_TOKEN_JSON % (_json_string(access.value), expires_in), JSON)
+
+    return token
+
+
+async def token(request: web.Request) -> web.StreamResponse:
+    """The token answer for paths only the tree handler matches (e.g. with "//")."""
+    return await token_endpoint(request.app)(request)
 
 
 @functools.lru_cache(maxsize=256)

@@ -41,7 +41,7 @@ _GCE = {"Metadata-Flavor": "Google", "Server": SERVER}
 # Prebuilt per content type: aiohttp copies a CIMultiDict in C, faster than
 # building headers per response.
 _HEADERS = {ct: CIMultiDict({"Content-Type": ct, **_GCE}) for ct in (TEXT, JSON, HTML, PLAIN)}
-__all__ = ["HTML", "JSON", "PLAIN", "TEXT", "error_response", "gce_wire", "respond"]
+__all__ = ["HTML", "JSON", "PLAIN", "TEXT", "Handler", "error_response", "gce_wire", "respond"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,11 +60,18 @@ def error_response(status: int, text: str, *, html: bool = True) -> web.Response
 
 
 def gce_wire(
-    handler: Handler, endpoint: metrics.Endpoint = metrics.Endpoint.OTHER, *, gce_rules: bool = True
+    handler: Handler,
+    endpoint: metrics.Endpoint = metrics.Endpoint.OTHER,
+    *,
+    gce_rules: bool = True,
+    endpoint_per_request: bool = False,
 ) -> Handler:
-    """Apply the wire rules around ``handler``; ``endpoint`` labels its metrics
-    unless the handler decides per request (``request[ENDPOINT_KEY]``).
+    """Apply the wire rules around ``handler``; ``endpoint`` labels its metrics, unless
+    ``endpoint_per_request``: then the handler may name it (``request[ENDPOINT_KEY]``).
     ``gce_rules=False`` (paths outside /computeMetadata/): the X-Forwarded-For rule only."""
+    # Resolved once: on the token path a dict lookup that misses (Mapping.get raises
+    # and catches KeyError) and a label lookup per request were measurable (bench/).
+    cells = metrics.request_cells(endpoint)
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -79,7 +86,10 @@ def gce_wire(
         except Exception:
             log.exception("unhandled error in metadata handler", extra={"event": "internal_error"})
             response = error_response(500, "Internal error")
-        metrics.count_request(request.get(ENDPOINT_KEY, endpoint), response.status)
+        if endpoint_per_request:
+            metrics.count_request(request.get(ENDPOINT_KEY, endpoint), response.status)
+        else:
+            cells[min(response.status // 100, 5)].value += 1
         return response
 
     return wrapped
