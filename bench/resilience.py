@@ -100,6 +100,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _measuring_args(argv: list[str]) -> list[str]:
+    """The arguments that shape a measurement (not where its raw results were saved)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--save-results":
+            skip = True
+        elif not arg.startswith("--save-results="):
+            out.append(arg)
+    return out
+
+
 def say(text: str) -> None:
     print(text, flush=True)
 
@@ -186,7 +199,7 @@ def main(argv: list[str]) -> int:
     pin = can_pin() and not args.no_pin
     results = report.Results(
         machine=machine_info(),
-        command=" ".join(["python -m bench resilience", shlex.join(argv)]).strip(),
+        command=" ".join(["python -m bench resilience", shlex.join(_measuring_args(argv))]).strip(),
         minutes=args.minutes,
         pinned=pin,
     )
