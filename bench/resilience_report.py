@@ -574,9 +574,15 @@ Fixed while writing these tests (each case is now a test in `test_bad_upstreams.
 - **A fleet started together kept refreshing together** (`broker/cache.py`): see *Fleet scale*;
   the first refresh of each key is now spread over its lifetime.
 
-Noticed, not in the broker's own code: requests the HTTP parser refuses (a 64 KiB header, a 100 KiB
-URL, 10,000 headers) get aiohttp's own 400, without `Metadata-Flavor: Google` and with
-`Server: Python/3.11 aiohttp/…`, and each is logged by `aiohttp.server` at ERROR with a traceback.
+Requests the HTTP parser refuses (a 64 KiB header, a 100 KiB URL, 10,000 headers) were each
+logged by `aiohttp.server` at ERROR with a traceback, so any local process could fill the log at
+will. `broker/daemon.py` now rewrites those records into one WARNING line naming the parser's error
+(`refused a malformed HTTP request: LineTooLong (HTTP 400)`), without the request's bytes
+(`test_load.py::test_oversized_request_heads_are_refused_with_4xx` checks each case).
+
+Left alone: those 400s are aiohttp's own, built before any route or handler runs, so they go out
+without `Metadata-Flavor: Google` and with `Server: Python/3.11 aiohttp/…`. No client sends such
+requests; changing it means replacing aiohttp's request handler class.
 """
 
 

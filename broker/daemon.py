@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import httpclient
 from broker.admin import create_admin_app
@@ -27,6 +28,25 @@ log = logging.getLogger("broker.daemon")
 DRAIN_SECONDS = 8.0  # SPEC §3: exit within 10 s of SIGTERM
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs each request its parser refuses (an oversized head, bad syntax) at
+    ERROR with a traceback, so any local process could fill the log at will, and the
+    message may quote the request's bytes. One WARNING line naming the error instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "refused a malformed HTTP request: %s (HTTP %d)"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info, record.exc_text = None, None
+            record.event = "bad_request"
+        return True
+
+
+_MALFORMED = _MalformedRequests()
+
+
 async def serve(
     settings: Settings,
     *,
@@ -37,6 +57,7 @@ async def serve(
     """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # adding it twice is a no-op
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

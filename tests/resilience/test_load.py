@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 
@@ -86,10 +87,24 @@ OVERSIZED = {
 
 
 @pytest.mark.parametrize("name", list(OVERSIZED))
-async def test_oversized_request_heads_are_refused_with_4xx(broker: RunningBroker, name: str) -> None:
+async def test_oversized_request_heads_are_refused_with_4xx(
+    broker: RunningBroker, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused with a 4xx (or the connection closed), and logged as one WARNING line that
+    names the parser's error: no ERROR, no traceback, none of the request's bytes."""
+    caplog.set_level(logging.DEBUG)
     status = await exchange(broker, OVERSIZED[name])
     assert status is None or 400 <= status < 500, status
     assert (await token(broker.url)).status == 200
+    server = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    loud = [r.getMessage() for r in server if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, loud
+    if status is not None:
+        refused = [r.getMessage() for r in server if r.levelno == logging.WARNING]
+        assert len(refused) == 1, refused
+        assert refused[0].startswith("refused a malformed HTTP request: "), refused
+        assert f"(HTTP {status})" in refused[0]
+        assert "aaaa" not in refused[0]
 
 
 BODIES = {
