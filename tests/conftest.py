@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,17 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             "https_proxy",
         ):
             monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline checks (schema validation) must not reach for the network."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("schema validation tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture

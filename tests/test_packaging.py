@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import yaml
 import broker
 from broker import cli, credconfig, envbundle, fileless, settings
 from broker.errors import ConfigError
+from tests._examples import gcloud_cred_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -284,15 +284,6 @@ def _broker_settings(container: dict[str, Any], credentials_json: str, tmp_path:
 # Kubernetes: schema
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("schema validation tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-
-
 def test_k8s_has_the_promised_examples() -> None:
     kinds = {(p.relative_to(K8S).as_posix(), d["kind"]) for p, _, d in MANIFESTS}
     assert ("deployment.yaml", "Deployment") in kinds
@@ -487,31 +478,14 @@ def test_credentials_example_parses_and_matches_the_configmap() -> None:
 
 
 def test_credentials_example_is_what_gcloud_writes(tmp_path: Path) -> None:
-    gcloud = shutil.which("gcloud")
-    if gcloud is None:
-        pytest.skip("gcloud CLI not on PATH")
     info = json.loads(CREDENTIALS_EXAMPLE.read_text(encoding="utf-8"))
-    out = tmp_path / "credentials.json"
-    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
-    subprocess.run(
-        [
-            gcloud,
-            "iam",
-            "workload-identity-pools",
-            "create-cred-config",
-            info["audience"].removeprefix("//iam.googleapis.com/"),
-            "--service-account="
-            + credconfig.email_from_impersonation_url(info["service_account_impersonation_url"]),
-            "--credential-source-file=" + info["credential_source"]["file"],
-            "--credential-source-type=" + info["credential_source"]["format"]["type"],
-            "--output-file=" + str(out),
-        ],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=120,
+    written = gcloud_cred_config(
+        tmp_path,
+        info,
+        "--credential-source-file=" + info["credential_source"]["file"],
+        "--credential-source-type=" + info["credential_source"]["format"]["type"],
     )
-    assert json.loads(out.read_text(encoding="utf-8")) == info
+    assert written == info
 
 
 def test_toml_example_documents_every_setting_with_valid_values(tmp_path: Path) -> None:

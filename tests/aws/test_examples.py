@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from configparser import ConfigParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,7 +29,7 @@ import pytest
 import yaml
 
 from broker import cli, credconfig, envbundle, settings
-from tests.conftest import require_tool
+from tests._examples import BUNDLE, env_file, gcloud_cred_config, systemd_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "config" / "aws"
@@ -48,7 +46,6 @@ PLACEHOLDERS = {
     "ACCOUNT_ID": "111122223333",
     "REGION": "eu-west-1",
 }
-BUNDLE = envbundle.bundle(settings.Address("127.0.0.1", 8988))
 
 
 def fill(text: str) -> str:
@@ -110,29 +107,8 @@ def test_credentials_file_parses_as_aws1_with_imdsv2() -> None:
 
 
 def test_credentials_file_is_what_gcloud_writes(tmp_path: Path) -> None:
-    gcloud = require_tool("gcloud")
     info = json.loads(CREDENTIALS.read_text(encoding="utf-8"))
-    email = credconfig.email_from_impersonation_url(info["service_account_impersonation_url"])
-    out = tmp_path / "credentials.json"
-    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
-    subprocess.run(
-        [
-            gcloud,
-            "iam",
-            "workload-identity-pools",
-            "create-cred-config",
-            info["audience"].removeprefix("//iam.googleapis.com/"),
-            "--service-account=" + email,
-            "--aws",
-            "--enable-imdsv2",
-            "--output-file=" + str(out),
-        ],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=120,
-    )
-    assert json.loads(out.read_text(encoding="utf-8")) == info
+    assert gcloud_cred_config(tmp_path, info, "--aws", "--enable-imdsv2") == info
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,15 +284,6 @@ def test_eks_examples_exist() -> None:
         assert {(name, "ServiceAccount"), (name, "ConfigMap"), (name, "Deployment")} <= kinds
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("schema validation tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-
-
 @pytest.mark.parametrize("item", DOCS, ids=_doc_id)
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.usefixtures("no_network")
@@ -388,24 +355,10 @@ def test_eks_pod_wiring(path: Path, tmp_path: Path) -> None:
 
 
 def test_ec2_systemd_unit_runs_the_broker_on_loopback_with_the_file(tmp_path: Path) -> None:
-    unit = ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string((EXAMPLES / "wif-broker.service").read_text(encoding="utf-8"))
-    argv = shlex.split(unit["Service"]["ExecStart"])
-    assert argv[0] == "/opt/wif-broker/bin/wif-broker"
-    flags = vars(cli.build_parser().parse_args(argv[1:]))
-    assert flags["credentials"] == "/etc/wif-broker/credentials.json"
-    copy = tmp_path / "credentials.json"
-    copy.write_text(fill(CREDENTIALS.read_text(encoding="utf-8")), encoding="utf-8")
-    resolved = settings.build({**flags, "credentials": str(copy)}, {})
+    credentials = fill(CREDENTIALS.read_text(encoding="utf-8"))
+    resolved = systemd_broker(EXAMPLES / "wif-broker.service", credentials, tmp_path)
     assert isinstance(resolved.cred.source, credconfig.AwsSource)
-    assert [str(a) for a in resolved.listen] == ["127.0.0.1:8988"]
-    assert resolved.admin_listen.host == "127.0.0.1"
-    assert unit["Service"]["DynamicUser"] == "yes"
-    assert int(unit["Service"]["TimeoutStopSec"]) >= 10
 
 
 def test_ec2_metadata_env_is_the_env_bundle() -> None:
-    lines = (EXAMPLES / "metadata.env").read_text(encoding="utf-8").splitlines()
-    pairs = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-    assert pairs == BUNDLE
+    assert env_file(EXAMPLES / "metadata.env") == BUNDLE

@@ -12,11 +12,6 @@ native sidecar holding the only Azure identity, the env bundle for the app.
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import socket
-import subprocess
-from configparser import ConfigParser
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,7 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from broker import cli, credconfig, envbundle, settings
+from broker import cli, credconfig, settings
+from tests._examples import BUNDLE, env_file, gcloud_cred_config, systemd_broker
 from tests.azure._harness import (
     AKS_TOKEN_CREDENTIALS,
     EXAMPLES,
@@ -33,13 +29,11 @@ from tests.azure._harness import (
     ROOT,
     VM_CREDENTIALS,
 )
-from tests.conftest import require_tool
 
 K8S_AZURE = ROOT / "k8s" / "azure"
 MANIFESTS = sorted(K8S_AZURE.glob("*.yaml"))
 BROKER_IMAGE = "ghcr.io/example/wif-broker"
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-BUNDLE = envbundle.bundle(settings.Address("127.0.0.1", 8988))
 FILLED = {**PLACEHOLDERS, "CLIENT_ID": "5d8c7e61-0000-4000-a000-00000000c11e"}
 
 
@@ -75,56 +69,20 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 
 
 def test_vm_credentials_are_what_gcloud_writes(tmp_path: Path) -> None:
-    gcloud = require_tool("gcloud")
     info = json.loads(VM_CREDENTIALS.read_text(encoding="utf-8"))
-    url = info["credential_source"]["url"]
-    out = tmp_path / "credentials.json"
-    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
-    subprocess.run(
-        [
-            gcloud,
-            "iam",
-            "workload-identity-pools",
-            "create-cred-config",
-            info["audience"].removeprefix("//iam.googleapis.com/"),
-            "--service-account="
-            + credconfig.email_from_impersonation_url(info["service_account_impersonation_url"]),
-            "--azure",
-            "--app-id-uri=" + url.split("resource=", 1)[1],
-            "--output-file=" + str(out),
-        ],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=120,
-    )
-    assert json.loads(out.read_text(encoding="utf-8")) == info
+    app_id_uri = info["credential_source"]["url"].split("resource=", 1)[1]
+    assert gcloud_cred_config(tmp_path, info, "--azure", "--app-id-uri=" + app_id_uri) == info
 
 
 def test_aks_token_credentials_are_what_gcloud_writes(tmp_path: Path) -> None:
-    gcloud = require_tool("gcloud")
     info = json.loads(AKS_TOKEN_CREDENTIALS.read_text(encoding="utf-8"))
-    out = tmp_path / "credentials.json"
-    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
-    subprocess.run(
-        [
-            gcloud,
-            "iam",
-            "workload-identity-pools",
-            "create-cred-config",
-            info["audience"].removeprefix("//iam.googleapis.com/"),
-            "--service-account="
-            + credconfig.email_from_impersonation_url(info["service_account_impersonation_url"]),
-            "--credential-source-file=/var/run/secrets/azure/tokens/azure-identity-token",
-            "--credential-source-type=text",
-            "--output-file=" + str(out),
-        ],
-        check=True,
-        capture_output=True,
-        env=env,
-        timeout=120,
+    written = gcloud_cred_config(
+        tmp_path,
+        info,
+        "--credential-source-file=/var/run/secrets/azure/tokens/azure-identity-token",
+        "--credential-source-type=text",
     )
-    assert json.loads(out.read_text(encoding="utf-8")) == info
+    assert written == info
     assert isinstance(credconfig.parse(json.loads(fill(json.dumps(info)))).source, credconfig.FileSource)
 
 
@@ -137,40 +95,17 @@ def test_identity_credentials_are_the_gcloud_file_plus_azure_resource() -> None:
 
 
 def test_vm_systemd_unit_runs_the_broker_on_loopback_with_the_file(tmp_path: Path) -> None:
-    unit = ConfigParser(strict=False, interpolation=None)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string((EXAMPLES / "wif-broker.service").read_text(encoding="utf-8"))
-    argv = shlex.split(unit["Service"]["ExecStart"])
-    assert argv[0] == "/opt/wif-broker/bin/wif-broker"
-    flags = vars(cli.build_parser().parse_args(argv[1:]))
-    assert flags["credentials"] == "/etc/wif-broker/credentials.json"
-    copy = tmp_path / "credentials.json"
-    copy.write_text(fill(VM_CREDENTIALS.read_text(encoding="utf-8")), encoding="utf-8")
-    resolved = settings.build({**flags, "credentials": str(copy)}, {})
+    credentials = fill(VM_CREDENTIALS.read_text(encoding="utf-8"))
+    resolved = systemd_broker(EXAMPLES / "wif-broker.service", credentials, tmp_path)
     assert isinstance(resolved.cred.source, credconfig.UrlSource)
-    assert [str(a) for a in resolved.listen] == ["127.0.0.1:8988"]
-    assert resolved.admin_listen.host == "127.0.0.1"
-    assert unit["Service"]["DynamicUser"] == "yes"
-    assert int(unit["Service"]["TimeoutStopSec"]) >= 10
 
 
 def test_vm_metadata_env_is_the_env_bundle() -> None:
-    lines = (EXAMPLES / "metadata.env").read_text(encoding="utf-8").splitlines()
-    pairs = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-    assert pairs == BUNDLE
+    assert env_file(EXAMPLES / "metadata.env") == BUNDLE
 
 
 # --------------------------------------------------------------------------------------------
 # k8s/azure/
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("schema validation tried to use the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 def test_aks_examples_exist() -> None:
