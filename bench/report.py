@@ -403,6 +403,28 @@ def markdown(res: Results) -> str:
         "exit). Where the import time goes, as self time summed per top-level package:\n"
     )
     out.append(_md_table(["Package", "self ms"], [[f"`{n}`", f"{v:.0f}"] for n, v in imp.heaviest]) + "\n")
+    if st.sdks:
+        out.append(
+            "Cloud SDKs are imported only by the source that needs them (`build_source`): botocore for "
+            "`aws1` credential files, azure-identity for `source = azure`. Each row is a fresh "
+            f"process that imports `{IMPORT}`, checks that no cloud SDK is loaded yet, then imports the "
+            "source module:\n"
+        )
+        out.append(
+            _md_table(
+                ["Source module", f"cloud SDK loaded by `{IMPORT}` alone", "import ms", "RSS added (MB)"],
+                [
+                    [
+                        f"`{x.module}`",
+                        "yes" if x.sdk_loaded_before else "no",
+                        f"{x.import_ms:.0f}",
+                        f"{mb(x.rss_added_kib):.1f}",
+                    ]
+                    for x in st.sdks
+                ],
+            )
+            + "\n"
+        )
     return "\n".join(out)
 
 

@@ -9,6 +9,7 @@ the process is spawned and stops at the first 200 of a 5 ms poll.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import statistics
 import sys
@@ -51,9 +52,36 @@ class ImportCost:
 
 
 @dataclass
+class SdkImport:
+    """What a cloud's source module adds once ``broker.cli`` is loaded (one fresh process)."""
+
+    module: str
+    sdk_loaded_before: bool  # was any cloud SDK already in sys.modules after broker.cli?
+    import_ms: float
+    rss_added_kib: int
+
+
+# The cloud SDKs, imported by build_source only for the source in use.
+SDK_MODULES = ("broker.sources.aws", "broker.sources.azure")
+_SDK_PROBE = """
+import importlib, json, sys, time
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(l.split()[1]) for l in status if l.startswith("VmRSS:"))
+import broker.cli
+before = rss()
+sdk = any(m.split(".")[0] in ("botocore", "boto3", "azure", "msal") for m in sys.modules)
+began = time.perf_counter()
+importlib.import_module(sys.argv[1])
+print(json.dumps({"sdk": sdk, "ms": (time.perf_counter() - began) * 1000, "kib": rss() - before}))
+"""
+
+
+@dataclass
 class StartupResult:
     runs: list[StartupRun] = field(default_factory=list)
     imports: ImportCost = field(default_factory=ImportCost)
+    sdks: list[SdkImport] = field(default_factory=list)
 
     @property
     def ready_median(self) -> float:
@@ -75,21 +103,34 @@ async def one_run(session: aiohttp.ClientSession, cred: Path, log: Path) -> Star
         return StartupRun(ready_at - child.started, child.status_kib("VmRSS"), child.status_kib("VmHWM"))
 
 
-async def _python(*args: str) -> tuple[float, str]:
+async def _python(*args: str, stdout: list[str] | None = None) -> tuple[float, str]:
+    """Run the bench's interpreter: (wall seconds, stderr); stdout is appended to ``stdout``."""
     begin = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *args,
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE if stdout is not None else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=child_env(),
         cwd=str(REPO),
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
     elapsed = time.perf_counter() - begin
     if proc.returncode != 0:
         raise BenchError(f"python {' '.join(args)} failed:\n{err.decode(errors='replace')[-2000:]}")
+    if stdout is not None:
+        stdout.append(out.decode())
     return elapsed, err.decode(errors="replace")
+
+
+async def sdk_imports() -> list[SdkImport]:
+    found = []
+    for module in SDK_MODULES:
+        out: list[str] = []
+        await _python("-c", _SDK_PROBE, module, stdout=out)
+        probe = json.loads(out[0])
+        found.append(SdkImport(module, bool(probe["sdk"]), float(probe["ms"]), int(probe["kib"])))
+    return found
 
 
 def parse_importtime(text: str) -> tuple[float, list[tuple[str, float]]]:
@@ -145,4 +186,5 @@ async def measure(
                 f"  run {i + 1}/{runs}: ready in {run.ready_seconds:.3f} s, RSS {run.rss_kib / 1024:.1f} MiB"
             )
     result.imports = await import_cost()
+    result.sdks = await sdk_imports()
     return result
