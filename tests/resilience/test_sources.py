@@ -72,6 +72,10 @@ async def test_token_file_missing_during_refresh_then_rotated(tmp_path: Path) ->
             kubelet_rotate(volume, second, version=1)
 
             async def exchanged() -> bool:
+                # A real round trip per step (step_until's contract): a retry that the step
+                # woke gets the event-loop time to reach the fake before the next step.
+                answer = await token(broker.url)
+                assert answer.status == 200, answer.text
                 return len(google.sts.calls) == 2
 
             await step_until(clock, 1, exchanged, limit=POLICY_BACKOFF_CAP + 10)
