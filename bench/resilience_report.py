@@ -529,9 +529,9 @@ def _fleet_section(res: Results) -> list[str]:
         "requests/min; IAM Service Account Credentials generate-credentials 60,000 requests/min; see "
         "cloud.google.com/iam/quotas):",
         "",
-        f"- Steady state: each broker makes about {default.calls_per_broker_hour()[0]:.2f} STS and "
-        f"{default.calls_per_broker_hour()[1]:.2f} generateAccessToken calls per hour per cached key "
-        "(one per ~47 min refresh cycle, plus the first-refresh extra averaged over the run); "
+        f"- Steady state (the mean after the first hour): each broker makes about {steady * 60 / n:.2f} "
+        f"STS and {default.iam[1] * 60 / n:.2f} generateAccessToken calls per hour per cached key "
+        "(one per ~47 min refresh cycle); "
         f"{n:,} brokers → ~{steady:.0f} STS/min = {100 * steady / STS_QUOTA_PER_MIN:.1f}% of the STS quota. "
         "IAM scales with keys: every extra scope set or ID-token audience a workload uses adds the same rate "
         f"again (so ~{IAM_QUOTA_PER_MIN / max(steady, 1):.0f} keys per broker before IAM's 60,000/min).",
