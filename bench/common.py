@@ -14,7 +14,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,3 +235,26 @@ def wrk_version() -> str:
     out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
     first = (out.stdout or out.stderr).splitlines()
     return first[0].split(" Copyright")[0].strip() if first else "unknown"
+
+
+def write_report(
+    path: Path, markdown: Callable[[list[str]], str], plots: Callable[[Path], list[str]] | None
+) -> list[str]:
+    """Write a report next to its plots; return notices for the console.
+
+    ``plots`` draws the PNGs into the report's folder and returns their names (None: skip
+    them); ``markdown`` renders the page given those names. A plot is optional, so a
+    failure to draw one is a notice, not an error.
+    """
+    notices = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drawn: list[str] = []
+    if plots is not None:
+        try:
+            drawn = plots(path.parent)
+        except Exception as exc:
+            notices.append(f"plots skipped: {type(exc).__name__}: {exc}")
+        if not drawn and not notices:
+            notices.append("plots skipped: matplotlib is not installed")
+    path.write_text(markdown(drawn))
+    return notices

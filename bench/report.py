@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import write_report
 from bench.herd import HerdResult
 from bench.profile import RATE
 from bench.startup import StartupResult
@@ -538,15 +539,9 @@ def plots(res: Results, directory: Path) -> list[str]:
 
 def write(res: Results, path: Path, with_plots: bool) -> list[str]:
     """Write the report (and plots); return notices for the console."""
-    notices = []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    res.plots = []
-    if with_plots:
-        try:
-            res.plots = plots(res, path.parent)
-        except Exception as exc:  # a plot is optional; say why it is missing
-            notices.append(f"plots skipped: {type(exc).__name__}: {exc}")
-        if not res.plots and not notices:
-            notices.append("plots skipped: matplotlib is not installed")
-    path.write_text(markdown(res))
-    return notices
+
+    def render(drawn: list[str]) -> str:
+        res.plots = drawn
+        return markdown(res)
+
+    return write_report(path, render, (lambda folder: plots(res, folder)) if with_plots else None)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.common import write_report
+
 if TYPE_CHECKING:
     from bench.fleet import PolicyRun
     from bench.load import LoadResult
@@ -656,18 +658,13 @@ def plots(res: Results, directory: Path) -> list[str]:
 
 
 def write(res: Results, path: Path, with_plots: bool) -> list[str]:
-    notices = []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    res.plots = []
-    if with_plots:
-        try:
-            res.plots = plots(res, path.parent)
-        except Exception as exc:  # a plot is optional; say why it is missing
-            notices.append(f"plots skipped: {type(exc).__name__}: {exc}")
-        if not res.plots and not notices:
-            notices.append("plots skipped: matplotlib is not installed")
-    path.write_text(markdown(res))
-    return notices
+    """Write the report (and plots); return notices for the console."""
+
+    def render(drawn: list[str]) -> str:
+        res.plots = drawn
+        return markdown(res)
+
+    return write_report(path, render, (lambda folder: plots(res, folder)) if with_plots else None)
 
 
 def save(res: Results, path: Path) -> None:
