@@ -31,9 +31,6 @@ class Token:
     value: str = field(repr=False)
     expires_at: float
 
-    def seconds_left(self, now: float) -> float:
-        return self.expires_at - now
-
 
 @dataclass(frozen=True, slots=True)
 class ScopeSet:
