@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import herd, report, startup, throughput
-from bench.common import REPO, BenchError, can_pin, machine_info
+from bench.common import REPO, BenchError, can_pin, machine_info, wrk_missing
 from broker.fakes import FakeGoogle
 
 DEFAULT_OUTPUT = REPO / "docs" / "performance.md"
@@ -170,12 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and shutil.which("py-spy") is None:
         print("bench: --profile needs py-spy on PATH (pip install py-spy)", file=sys.stderr)
         return 2
-    if shutil.which("wrk") is None:
-        print(
-            "bench: wrk is not installed; the throughput benchmark needs it "
-            "(Debian: apt-get install -y wrk). Nothing was measured.",
-            file=sys.stderr,
-        )
+    if wrk_missing():
         return 2
     pin = can_pin() and not args.no_pin
     began = time.perf_counter()

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -238,23 +239,36 @@ def wrk_version() -> str:
 
 
 def write_report(
-    path: Path, markdown: Callable[[list[str]], str], plots: Callable[[Path], list[str]] | None
+    res: Any,
+    path: Path,
+    with_plots: bool,
+    markdown: Callable[[Any], str],
+    plots: Callable[[Any, Path], list[str]],
 ) -> list[str]:
-    """Write a report next to its plots; return notices for the console.
-
-    ``plots`` draws the PNGs into the report's folder and returns their names (None: skip
-    them); ``markdown`` renders the page given those names. A plot is optional, so a
-    failure to draw one is a notice, not an error.
-    """
+    """Write ``markdown(res)`` to ``path`` after drawing ``plots(res, folder)`` next to it
+    (their names go to ``res.plots``); return notices for the console. A plot is
+    optional, so a failure to draw one is a notice, not an error."""
     notices = []
     path.parent.mkdir(parents=True, exist_ok=True)
-    drawn: list[str] = []
-    if plots is not None:
+    res.plots = []
+    if with_plots:
         try:
-            drawn = plots(path.parent)
+            res.plots = plots(res, path.parent)
         except Exception as exc:
             notices.append(f"plots skipped: {type(exc).__name__}: {exc}")
-        if not drawn and not notices:
+        if not res.plots and not notices:
             notices.append("plots skipped: matplotlib is not installed")
-    path.write_text(markdown(drawn))
+    path.write_text(markdown(res))
     return notices
+
+
+def wrk_missing() -> bool:
+    """True, after saying so on stderr, when wrk is not on PATH."""
+    if shutil.which("wrk") is not None:
+        return False
+    print(
+        "bench: wrk is not installed; the throughput benchmark needs it "
+        "(Debian: apt-get install -y wrk). Nothing was measured.",
+        file=sys.stderr,
+    )
+    return True

@@ -47,6 +47,7 @@ from bench.common import (
     started,
     wait_ok,
     write_credentials,
+    wrk_missing,
 )
 from bench.throughput import LUA, SERVER_CORE, WRK_CORE, CpuMeter, WrkRun, _body_size, run_wrk
 from bench.wire import FLAVOR, LOOPBACK, TOKEN_PATH
@@ -329,12 +330,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if shutil.which("wrk") is None:
-        print(
-            "bench: wrk is not installed; the throughput benchmark needs it "
-            "(Debian: apt-get install -y wrk). Nothing was measured.",
-            file=sys.stderr,
-        )
+    if wrk_missing():
         return 2
     pin = can_pin() and not args.no_pin
     machine = machine_info()

@@ -659,12 +659,7 @@ def plots(res: Results, directory: Path) -> list[str]:
 
 def write(res: Results, path: Path, with_plots: bool) -> list[str]:
     """Write the report (and plots); return notices for the console."""
-
-    def render(drawn: list[str]) -> str:
-        res.plots = drawn
-        return markdown(res)
-
-    return write_report(path, render, (lambda folder: plots(res, folder)) if with_plots else None)
+    return write_report(res, path, with_plots, markdown, plots)
 
 
 def save(res: Results, path: Path) -> None:
