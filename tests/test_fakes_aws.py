@@ -28,9 +28,19 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-from broker.fakes import FakeAws, FakeAwsAccount, FakeAwsSts, FakeEcsCredentials, FakeImds, FakeSts
-from broker.fakes.aws import AwsCredentials, parse_aws_subject_token, sigv4_signature
+from broker.fakes import FakeSts
 from broker.fakes.oidc import FakeOidcIssuer
+from tests.fakes.aws import (
+    AwsCredentials,
+    FakeAws,
+    FakeAwsAccount,
+    FakeAwsSts,
+    FakeEcsCredentials,
+    FakeImds,
+    accept_aws,
+    parse_aws_subject_token,
+    sigv4_signature,
+)
 
 AUDIENCE = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/pool/providers/aws"
 AWS4 = "urn:ietf:params:aws:token-type:aws4_request"
@@ -364,7 +374,9 @@ def aws_form(subject_token: str, audience: str = AUDIENCE) -> dict[str, str]:
 
 @pytest.fixture
 def google_sts(account: FakeAwsAccount, clock: Clock) -> FakeSts:
-    return FakeSts(FakeOidcIssuer(), AUDIENCE, now=clock, aws_account=account)
+    sts = FakeSts(FakeOidcIssuer(), AUDIENCE, now=clock)
+    accept_aws(sts, account)
+    return sts
 
 
 @pytest.fixture
@@ -500,10 +512,10 @@ async def test_aws_subject_type_needs_an_account(
     google_sts: FakeSts, sts_client: Client, account: FakeAwsAccount
 ) -> None:
     token = serialize(sign(frozen(account.current())))
-    google_sts.aws_account = None
+    accept_aws(google_sts, None)
     resp = await sts_client.post("/v1/token", data=aws_form(token))
     assert (resp.status, (await resp.json())["error"]) == (400, "invalid_request")
-    google_sts.aws_account = account
+    accept_aws(google_sts, account)
     resp = await sts_client.post("/v1/token", data=aws_form(token))
     assert resp.status == 200
 
@@ -551,7 +563,8 @@ async def vector_sts(aiohttp_client: ClientFactory) -> tuple[FakeSts, Client]:
             role_arn="arn:aws:iam::123456789012:role/vector",
         )
     )
-    sts = FakeSts(FakeOidcIssuer(), VECTOR_AUDIENCE, now=clock, aws_account=account)
+    sts = FakeSts(FakeOidcIssuer(), VECTOR_AUDIENCE, now=clock)
+    accept_aws(sts, account)
     return sts, await aiohttp_client(sts.app())
 
 

@@ -12,29 +12,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.fakes._service import LoopbackServices, Service
-from broker.fakes.aws import (
-    AwsCredentials,
-    FakeAws,
-    FakeAwsAccount,
-    FakeAwsSts,
-    FakeEcsCredentials,
-    FakeImds,
-)
 from broker.fakes.google import FakeIam, FakeSts, IssuedToken, Recorded
 from broker.fakes.oidc import DEFAULT_SUBJECT, FakeGoogleSigner, FakeOidcIssuer
 
 __all__ = [
     "DEFAULT_AUDIENCE",
     "DEFAULT_SERVICE_ACCOUNT",
-    "AwsCredentials",
-    "FakeAws",
-    "FakeAwsAccount",
-    "FakeAwsSts",
-    "FakeEcsCredentials",
     "FakeGoogle",
     "FakeGoogleSigner",
     "FakeIam",
-    "FakeImds",
     "FakeOidcIssuer",
     "FakeSts",
     "IssuedToken",

@@ -18,8 +18,6 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from broker.fakes._service import FakeService, media_type, oauth_error, recorded
-from broker.fakes.aws_account import FakeAwsAccount
-from broker.fakes.aws_sigv4 import AWS4_REQUEST_TYPE, AwsSubjectRejected, verify_aws_subject_token
 from broker.fakes.oidc import FakeOidcIssuer
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -46,7 +44,9 @@ class IssuedToken:
     options: dict[str, Any] | None = None
 
 
-class _Rejected(Exception):
+class StsRejected(Exception):
+    """Raised by a subject-token validator: becomes STS's OAuth error answer."""
+
     def __init__(self, error: str, description: str) -> None:
         super().__init__(description)
         self.error = error
@@ -62,16 +62,16 @@ def _decode_options(raw: str) -> dict[str, Any]:
             continue
         if isinstance(value, dict):
             return value
-    raise _Rejected("invalid_request", 'Invalid value for "options". It must be a JSON object.')
+    raise StsRejected("invalid_request", 'Invalid value for "options". It must be a JSON object.')
 
 
 class FakeSts(FakeService):
     """Google STS for one workload identity provider.
 
-    With an ``aws_account`` (passed in or assigned later) the provider is an AWS
-    one too: it accepts ``aws4_request`` subject tokens and verifies their SigV4
-    signature against the keys that account issued. Without one, that subject
-    token type is rejected as unsupported.
+    It accepts JWT subject tokens from its issuer. Other subject token types
+    (the tests' AWS ``aws4_request`` verifier) are plugged in with
+    :meth:`accept_subject_type`; a type nobody registered is refused as real STS
+    refuses an unsupported one.
     """
 
     def __init__(
@@ -82,7 +82,6 @@ class FakeSts(FakeService):
         allowed_audiences: list[str] | None = None,
         lifetime_seconds: int = 3600,
         now: Callable[[], float] = time.time,
-        aws_account: FakeAwsAccount | None = None,
     ) -> None:
         super().__init__(lifetime_seconds=lifetime_seconds, now=now)
         self.issuer = issuer
@@ -96,20 +95,16 @@ class FakeSts(FakeService):
         self._subject_validators: dict[str, Callable[[str], dict[str, Any]]] = dict.fromkeys(
             JWT_SUBJECT_TYPES, self._jwt_claims
         )
-        self.aws_account = aws_account
 
-    @property
-    def aws_account(self) -> FakeAwsAccount | None:
-        """The AWS account whose keys may sign subject tokens; setting it enables ``aws4_request``."""
-        return self._aws_account
+    def accept_subject_type(self, token_type: str, validator: Callable[[str], dict[str, Any]] | None) -> None:
+        """Accept ``token_type`` subject tokens checked by ``validator`` (None: refuse them again).
 
-    @aws_account.setter
-    def aws_account(self, account: FakeAwsAccount | None) -> None:
-        self._aws_account = account
-        if account is None:
-            self._subject_validators.pop(AWS4_REQUEST_TYPE, None)
+        The validator returns the claims (``sub`` at least) or raises :class:`StsRejected`.
+        """
+        if validator is None:
+            self._subject_validators.pop(token_type, None)
         else:
-            self._subject_validators[AWS4_REQUEST_TYPE] = self._aws_claims
+            self._subject_validators[token_type] = validator
 
     def lookup(self, token: str) -> IssuedToken | None:
         """The issued token with this value, if it is still live."""
@@ -133,7 +128,7 @@ class FakeSts(FakeService):
         form = recorded(request).form or {}
         try:
             issued = self._exchange(form)
-        except _Rejected as exc:
+        except StsRejected as exc:
             return oauth_error(exc.error, exc.description)
         self.issued[issued.value] = issued
         return web.json_response(
@@ -147,20 +142,20 @@ class FakeSts(FakeService):
 
     def _exchange(self, form: dict[str, str]) -> IssuedToken:
         if form.get("grant_type") != TOKEN_EXCHANGE:
-            raise _Rejected(
+            raise StsRejected(
                 "unsupported_grant_type", f'Invalid value for "grant_type": {form.get("grant_type")!r}.'
             )
         if form.get("requested_token_type") != ACCESS_TOKEN_TYPE:
-            raise _Rejected("invalid_request", 'Invalid value for "requested_token_type".')
+            raise StsRejected("invalid_request", 'Invalid value for "requested_token_type".')
         for name in ("audience", "subject_token", "subject_token_type", "scope"):
             if not form.get(name):
-                raise _Rejected("invalid_request", f'The "{name}" parameter is required.')
+                raise StsRejected("invalid_request", f'The "{name}" parameter is required.')
         if form["subject_token_type"] not in self._subject_validators:
-            raise _Rejected(
+            raise StsRejected(
                 "invalid_request", f'Invalid value for "subject_token_type": {form["subject_token_type"]!r}.'
             )
         if form["audience"] != self.audience:
-            raise _Rejected("invalid_target", INVALID_TARGET)
+            raise StsRejected("invalid_target", INVALID_TARGET)
         options = _decode_options(form["options"]) if "options" in form else None
         claims = self._subject_validators[form["subject_token_type"]](form["subject_token"])
         now = self.now()
@@ -178,42 +173,29 @@ class FakeSts(FakeService):
         try:
             claims = self.issuer.verify(token, now)
         except ValueError as exc:
-            raise _Rejected("invalid_grant", f"Unable to verify the ID Token: {exc}.") from None
+            raise StsRejected("invalid_grant", f"Unable to verify the ID Token: {exc}.") from None
         iat, exp = claims.get("iat"), claims.get("exp")
         if not isinstance(iat, int | float) or not isinstance(exp, int | float):
-            raise _Rejected("invalid_grant", "The ID Token must contain numeric iat and exp claims.")
+            raise StsRejected("invalid_grant", "The ID Token must contain numeric iat and exp claims.")
         if claims.get("iss") != self.issuer.issuer:
-            raise _Rejected("invalid_grant", f"The issuer in ID Token [{claims.get('iss')}] is not trusted.")
+            raise StsRejected(
+                "invalid_grant", f"The issuer in ID Token [{claims.get('iss')}] is not trusted."
+            )
         if not isinstance(claims.get("sub"), str) or not claims["sub"]:
-            raise _Rejected("invalid_grant", "The ID Token must contain a sub claim.")
+            raise StsRejected("invalid_grant", "The ID Token must contain a sub claim.")
         if exp <= now:
-            raise _Rejected("invalid_grant", f"ID Token issued at {int(iat)} is stale to sign-in.")
+            raise StsRejected("invalid_grant", f"ID Token issued at {int(iat)} is stale to sign-in.")
         if iat > now + CLOCK_SKEW:
-            raise _Rejected("invalid_grant", f"ID Token issued at {int(iat)} is in the future.")
+            raise StsRejected("invalid_grant", f"ID Token issued at {int(iat)} is in the future.")
         if exp - iat >= MAX_SUBJECT_LIFETIME:
-            raise _Rejected("invalid_grant", "The ID Token lifetime (exp - iat) must be less than 48 hours.")
+            raise StsRejected(
+                "invalid_grant", "The ID Token lifetime (exp - iat) must be less than 48 hours."
+            )
         aud = claims.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
         if not any(isinstance(a, str) and a in self.allowed_audiences for a in auds):
             shown = ", ".join(str(a) for a in auds)
-            raise _Rejected(
+            raise StsRejected(
                 "invalid_grant", f"The audience in ID Token [{shown}] does not match the expected audience."
             )
         return claims
-
-    def _aws_claims(self, token: str) -> dict[str, Any]:
-        """Verify a signed GetCallerIdentity (token-chain.md D.4); the subject is the caller's ARN."""
-        if self._aws_account is None:
-            raise _Rejected(
-                "invalid_request", f'Invalid value for "subject_token_type": {AWS4_REQUEST_TYPE!r}.'
-            )
-        try:
-            creds = verify_aws_subject_token(
-                token,
-                audiences=(self.audience, "https:" + self.audience),
-                lookup=self._aws_account.lookup,
-                now=self.now(),
-            )
-        except AwsSubjectRejected as exc:
-            raise _Rejected(exc.error, exc.description) from None
-        return {"sub": creds.arn, "access_key_id": creds.access_key_id}

@@ -27,9 +27,9 @@ import aiohttp
 
 from broker import metrics, settings
 from broker.fakes import FakeGoogle
-from broker.fakes.aws import AWS4_REQUEST_TYPE, SignedRequest, parse_aws_subject_token
 from tests.clients._subproc import Completed, client_env, run
 from tests.conftest import RunningBroker, run_broker
+from tests.fakes.aws import AWS4_REQUEST_TYPE, SignedRequest, parse_aws_subject_token
 
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
 VERIFICATION_URL = "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"

@@ -30,8 +30,7 @@ if str(ROOT) not in sys.path:
 
 from aiohttp import web  # noqa: E402
 
-from broker.fakes import FakeAwsAccount, FakeAwsSts, FakeEcsCredentials, FakeGoogle  # noqa: E402
-from broker.fakes.aws import ISOLATED_ENV  # noqa: E402
+from broker.fakes import FakeGoogle  # noqa: E402
 from tests.aws._harness import (  # noqa: E402
     RecordCatcher,
     broker_settings,
@@ -44,6 +43,13 @@ from tests.aws._harness import (  # noqa: E402
     signed_requests,
 )
 from tests.conftest import run_broker  # noqa: E402
+from tests.fakes.aws import (  # noqa: E402
+    ISOLATED_ENV,
+    FakeAwsAccount,
+    FakeAwsSts,
+    FakeEcsCredentials,
+    accept_aws,
+)
 
 ECS_ADDRESS = "169.254.170.2"
 
@@ -81,7 +87,7 @@ async def scenario(workdir: Path) -> dict[str, Any]:
     sts_runner, sts_url = await serve(aws_sts.app(), "127.0.0.1", 0)
     try:
         async with FakeGoogle() as google:
-            google.sts.aws_account = account
+            accept_aws(google.sts, account)
             clear_aws_env()
             os.environ.update(
                 {

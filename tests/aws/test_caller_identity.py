@@ -21,8 +21,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-from broker.fakes import FakeAws, FakeAwsAccount, FakeAwsSts
-from broker.fakes.aws import AwsCredentials
+from tests.fakes.aws import AwsCredentials, FakeAws, FakeAwsAccount, FakeAwsSts
 
 NS = "{https://sts.amazonaws.com/doc/2011-06-15/}"
 QUERY = "Action=GetCallerIdentity&Version=2011-06-15"

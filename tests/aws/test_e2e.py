@@ -24,8 +24,7 @@ import pytest
 
 from broker import settings
 from broker.clock import ManualClock
-from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeAws, FakeAwsAccount, FakeGoogle
-from broker.fakes.aws import ISOLATED_ENV
+from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
 from broker.fakes.oidc import FakeOidcIssuer
 from tests.aws._harness import (
     IRSA_SESSION,
@@ -41,6 +40,7 @@ from tests.aws._harness import (
     upstream_aws_calls,
 )
 from tests.conftest import require_tool
+from tests.fakes.aws import ISOLATED_ENV, FakeAws, FakeAwsAccount, accept_aws
 
 POD_IDENTITY_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eks-pod-identity-token.fake"
 ECS_AUTH_TOKEN = "ecs-agent-authorization-token-value"
@@ -121,7 +121,7 @@ async def test_environment_end_to_end(
         FakeAws(pod_identity_token=env.pod_identity_token, issuer=issuer) as aws,
         FakeGoogle() as google,
     ):
-        google.sts.aws_account = aws.account
+        accept_aws(google.sts, aws.account)
         platform = env.platform_env(aws, tmp_path)
         for key, value in {**ISOLATED_ENV, **platform, "AWS_ENDPOINT_URL_STS": aws.sts_url}.items():
             monkeypatch.setenv(key, value)
@@ -196,7 +196,7 @@ async def test_rotated_aws_keys_are_used_without_a_restart(
     gcloud = require_tool("gcloud")
     account = FakeAwsAccount(lifetime_seconds=300)
     async with FakeAws(account) as aws, FakeGoogle() as google:
-        google.sts.aws_account = account
+        accept_aws(google.sts, account)
         for key, value in {
             **aws.container_env(),
             "AWS_REGION": "us-east-2",
@@ -248,7 +248,7 @@ async def test_strict_mode_uses_env_and_the_files_imds_only(
     container endpoint in the environment is ignored, as google-auth ignores it.
     """
     async with FakeAws(pod_identity_token=ECS_AUTH_TOKEN) as aws, FakeGoogle() as google:
-        google.sts.aws_account = aws.account
+        accept_aws(google.sts, aws.account)
         for key, value in {
             **ISOLATED_ENV,
             "AWS_CONTAINER_CREDENTIALS_FULL_URI": aws.container_url,
@@ -279,7 +279,7 @@ async def test_strict_mode_uses_env_and_the_files_imds_only(
 async def test_fileless_source_aws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--audience … --source aws`` (no credential file) takes the same botocore chain."""
     async with FakeAws() as aws, FakeGoogle() as google:
-        google.sts.aws_account = aws.account
+        accept_aws(google.sts, aws.account)
         platform = {**aws.imds_env(), "AWS_REGION": "us-east-2", "AWS_ENDPOINT_URL_STS": aws.sts_url}
         for key, value in platform.items():
             monkeypatch.setenv(key, value)

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from broker.fakes import FakeAws, FakeAwsAccount, FakeGoogle, FakeImds
-from broker.fakes.aws import ISOLATED_ENV
+from broker.fakes import FakeGoogle
 from broker.fakes.oidc import FakeOidcIssuer
 from tests.aws._harness import (
     broker_settings,
@@ -32,6 +31,7 @@ from tests.aws._harness import (
     upstream_aws_calls,
 )
 from tests.clients._subproc import Completed, run
+from tests.fakes.aws import ISOLATED_ENV, FakeAws, FakeAwsAccount, FakeImds, accept_aws
 
 ROLE = "arn:aws:sts::123456789012:assumed-role/wif-broker-role"
 TRIED = (
@@ -100,7 +100,7 @@ async def test_check_shows_region_provider_principal_and_member(
     google: FakeGoogle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with FakeAws() as aws:
-        google.sts.aws_account = aws.account
+        accept_aws(google.sts, aws.account)
         setenv(monkeypatch, {**aws.imds_env(), "AWS_ENDPOINT_URL_STS": aws.sts_url})
         result = await check(write_credentials(tmp_path, google, aws.imds_url))
     assert result.returncode == 0, result.describe()
@@ -172,7 +172,7 @@ async def test_sts_rejecting_the_signature_is_explained(
 ) -> None:
     """Google replays the signed GetCallerIdentity; AWS refuses it, and STS says so (invalid_grant)."""
     async with FakeAws() as aws:
-        google.sts.aws_account = aws.account
+        accept_aws(google.sts, aws.account)
         creds = aws.account.current()
         if cause == "revoked-key":
             setenv(monkeypatch, {**aws.imds_env(), "AWS_ENDPOINT_URL_STS": aws.sts_url})

@@ -23,15 +23,6 @@ from pathlib import Path
 import pytest
 
 from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
-from broker.fakes.azure import (
-    DEFAULT_APP,
-    FEDERATED_AUDIENCE,
-    SYSTEM_ASSIGNED,
-    USER_ASSIGNED,
-    EntraApp,
-    FakeAzure,
-    FakeEntraTenant,
-)
 from tests.aws._harness import described_broker
 from tests.azure._harness import (
     AKS_TOKEN_CREDENTIALS,
@@ -48,6 +39,15 @@ from tests.azure._harness import (
     write,
 )
 from tests.conftest import credential_info, require_tool
+from tests.fakes.azure import (
+    DEFAULT_APP,
+    FEDERATED_AUDIENCE,
+    SYSTEM_ASSIGNED,
+    USER_ASSIGNED,
+    EntraApp,
+    FakeAzure,
+    FakeEntraTenant,
+)
 
 pytestmark = pytest.mark.client
 SUBJECT = "system:serviceaccount:default:app"

@@ -23,7 +23,6 @@ from broker.check import run_check
 from broker.credconfig import AzureSource, CredentialConfig
 from broker.errors import ConfigError
 from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
-from broker.fakes.azure import DEFAULT_APP, USER_ASSIGNED, FakeAzure
 from broker.sources import build_source
 from tests.aws._harness import described_broker
 from tests.azure._harness import (
@@ -35,6 +34,7 @@ from tests.azure._harness import (
     token_response,
     write,
 )
+from tests.fakes.azure import DEFAULT_APP, USER_ASSIGNED, FakeAzure
 
 
 @asynccontextmanager

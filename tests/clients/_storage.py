@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.fakes import FakeGoogle
-from broker.fakes.gcs import FakeGcs
+from tests.fakes.gcs import FakeGcs
 
 BUCKET = "wif-broker-demo-bucket"
 OBJECT = "reports/hello.txt"

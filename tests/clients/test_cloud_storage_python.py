@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from broker.fakes import FakeGoogle
-from broker.fakes.gcs import FakeGcs
 from tests.clients._storage import BUCKET, CONTENT, OBJECT, fake_gcs
 from tests.clients._subproc import client_env, run
 from tests.clients._toolchains import require_module
 from tests.conftest import PROJECT, SA, RunningBroker
+from tests.fakes.gcs import FakeGcs
 
 pytestmark = pytest.mark.client
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from broker.fakes.gcs import FakeGcs, crc32c
 from tests.clients._storage import loopback_tls
+from tests.fakes.gcs import FakeGcs, crc32c
 
 GOOD = "ya29.good"
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from broker.fakes import FakeGoogle
-from broker.fakes.gcs import FakeGcs
 from tests.clients._storage import BUCKET, OBJECT, fake_gcs, loopback_tls
 from tests.clients._subproc import Completed, client_env, run
 from tests.conftest import PROJECT, RunningBroker, require_tool
+from tests.fakes.gcs import FakeGcs
 
 pytestmark = pytest.mark.client
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from broker.fakes import FakeGoogle
-from broker.fakes.gcs import FakeGcs
 from tests.clients._storage import BUCKET, OBJECT, fake_gcs
 from tests.clients._subproc import Completed, client_env, jwt_payload, run
 from tests.clients._toolchains import build_go_probe
 from tests.conftest import PROJECT, SA, ZONE, RunningBroker
+from tests.fakes.gcs import FakeGcs
 
 pytestmark = pytest.mark.client
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from broker.fakes import FakeGoogle
-from broker.fakes.gcs import FakeGcs
 from tests.clients._storage import BUCKET, OBJECT, fake_gcs
 from tests.clients._subproc import Completed, client_env, jwt_payload, run
 from tests.clients._toolchains import require_node_modules
 from tests.conftest import PROJECT, SA, ZONE, RunningBroker, require_tool
+from tests.fakes.gcs import FakeGcs
 
 pytestmark = pytest.mark.client
 

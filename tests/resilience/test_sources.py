@@ -16,12 +16,12 @@ import pytest
 
 from broker import settings
 from broker.clock import ManualClock
-from broker.fakes import FakeAws, FakeAwsAccount, FakeGoogle
-from broker.fakes.aws import ISOLATED_ENV
-from broker.fakes.azure import DEFAULT_APP, FakeAzure
+from broker.fakes import FakeGoogle
 from tests.aws._harness import credential_info as aws_credential_info
 from tests.aws._harness import described_broker
 from tests.aws.conftest import loopback_only  # noqa: F401 - autouse: AWS code must stay on loopback
+from tests.fakes.aws import ISOLATED_ENV, FakeAws, FakeAwsAccount, accept_aws
+from tests.fakes.azure import DEFAULT_APP, FakeAzure
 from tests.resilience._support import (
     LIFETIME,
     MIN_SERVE_TTL,
@@ -100,7 +100,7 @@ async def test_aws_container_endpoint_down(tmp_path: Path, monkeypatch: pytest.M
     exchange asks it again. With the endpoint stopped, the cached token is still served,
     and a request that needs a new exchange gets 503 naming step ``aws``, never a 500."""
     async with FakeGoogle() as google, FakeAws(FakeAwsAccount(lifetime_seconds=300)) as aws:
-        google.sts.aws_account = aws.account
+        accept_aws(google.sts, aws.account)
         for key, value in {**ISOLATED_ENV, **aws.container_env(), "AWS_REGION": "us-east-2"}.items():
             monkeypatch.setenv(key, value)
         info = aws_credential_info(google, aws.imds_url)

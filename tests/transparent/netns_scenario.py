@@ -44,10 +44,14 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from broker import metrics, settings  # noqa: E402
-from broker.fakes import FakeAwsAccount, FakeGoogle, FakeImds  # noqa: E402
-from broker.fakes.aws import ISOLATED_ENV  # noqa: E402
+from broker.fakes import FakeGoogle  # noqa: E402
 from tests.clients._subproc import Completed, run  # noqa: E402
 from tests.conftest import run_broker  # noqa: E402
+from tests.fakes.aws import (  # noqa: E402
+    ISOLATED_ENV,
+    FakeAwsAccount,
+    FakeImds,
+)
 
 IMDS = "169.254.169.254"
 AUDIENCE = "https://svc.example.com"

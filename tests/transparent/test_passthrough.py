@@ -24,10 +24,9 @@ from yarl import URL
 
 from broker import metrics, settings
 from broker.errors import ConfigError
-from broker.fakes import FakeAwsAccount, FakeImds
-from broker.fakes.aws import ISOLATED_ENV
 from broker.metadata import passthrough
 from tests.conftest import RunningBroker, run_broker
+from tests.fakes.aws import ISOLATED_ENV, FakeAwsAccount, FakeImds
 
 MF = {"Metadata-Flavor": "Google"}
 SERVER = "Metadata Server for VM"

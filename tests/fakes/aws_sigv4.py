@@ -25,7 +25,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.compat import HTTPHeaders
 from botocore.credentials import ReadOnlyCredentials
 
-from broker.fakes.aws_account import AwsCredentials
+from tests.fakes.aws_account import AwsCredentials
 
 AWS4_REQUEST_TYPE = "urn:ietf:params:aws:token-type:aws4_request"
 TARGET_RESOURCE = "x-goog-cloud-target-resource"

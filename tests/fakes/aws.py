@@ -2,19 +2,22 @@
 
 ``FakeAws`` serves FakeImds, FakeEcsCredentials and FakeAwsSts for one
 FakeAwsAccount on loopback ports, and hands out the environment that points
-botocore at each of them. Give the same account to ``FakeSts(aws_account=…)``
-(or set ``google.sts.aws_account``) so Google's side can verify what was signed.
+botocore at each of them. Pass the same account to :func:`accept_aws` for the fake Google STS so
+Google's side can verify what was signed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from broker.fakes._service import LoopbackServices, Service
-from broker.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
-from broker.fakes.aws_metadata import FakeEcsCredentials, FakeImds
-from broker.fakes.aws_sigv4 import (
+from broker.fakes.oidc import FakeOidcIssuer
+from broker.fakes.sts import FakeSts, StsRejected
+from tests.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
+from tests.fakes.aws_metadata import FakeEcsCredentials, FakeImds
+from tests.fakes.aws_sigv4 import (
     AWS4_REQUEST_TYPE,
     AwsSubjectRejected,
     SignedRequest,
@@ -22,8 +25,7 @@ from broker.fakes.aws_sigv4 import (
     sigv4_signature,
     verify_aws_subject_token,
 )
-from broker.fakes.aws_sts import FakeAwsSts
-from broker.fakes.oidc import FakeOidcIssuer
+from tests.fakes.aws_sts import FakeAwsSts
 
 __all__ = [
     "AWS4_REQUEST_TYPE",
@@ -36,6 +38,7 @@ __all__ = [
     "FakeEcsCredentials",
     "FakeImds",
     "SignedRequest",
+    "accept_aws",
     "iso8601",
     "parse_aws_subject_token",
     "sigv4_signature",
@@ -106,3 +109,28 @@ class FakeAws(LoopbackServices):
             "AWS_ENDPOINT_URL_STS": self.sts_url,
             "AWS_DEFAULT_REGION": region,
         }
+
+
+def accept_aws(sts: FakeSts, account: FakeAwsAccount | None) -> None:
+    """Make ``sts`` an AWS provider too: accept ``aws4_request`` subject tokens whose
+    SigV4 signature verifies against the keys ``account`` issued (None: refuse them).
+
+    The subject is the caller's ARN, as Google STS maps ``assertion.arn``.
+    """
+    if account is None:
+        sts.accept_subject_type(AWS4_REQUEST_TYPE, None)
+        return
+
+    def claims(token: str) -> dict[str, Any]:
+        try:
+            creds = verify_aws_subject_token(
+                token,
+                audiences=(sts.audience, "https:" + sts.audience),
+                lookup=account.lookup,
+                now=sts.now(),
+            )
+        except AwsSubjectRejected as exc:
+            raise StsRejected(exc.error, exc.description) from None
+        return {"sub": creds.arn, "access_key_id": creds.access_key_id}
+
+    sts.accept_subject_type(AWS4_REQUEST_TYPE, claims)

@@ -22,7 +22,9 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from broker.fakes._service import FakeService, LoopbackServices, Service
-from broker.fakes.azure_entra import (
+from broker.fakes.oidc import FakeOidcIssuer
+from broker.fakes.sts import FakeSts
+from tests.fakes.azure_entra import (
     AKS_ISSUER,
     DEFAULT_APP,
     FEDERATED_AUDIENCE,
@@ -36,9 +38,7 @@ from broker.fakes.azure_entra import (
     ManagedIdentity,
     oauth_error,
 )
-from broker.fakes.oidc import FakeOidcIssuer
-from broker.fakes.sts import FakeSts
-from broker.fakes.tls import make_test_ca
+from tests.fakes.tls import make_test_ca
 
 __all__ = [
     "AKS_ISSUER",

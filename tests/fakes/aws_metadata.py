@@ -15,7 +15,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from broker.fakes._service import FakeService
-from broker.fakes.aws_account import FakeAwsAccount
+from tests.fakes.aws_account import FakeAwsAccount
 
 TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"

@@ -24,9 +24,9 @@ from aiohttp import web
 from google.auth import jwt
 
 from broker.fakes._service import FakeService, recorded
-from broker.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
-from broker.fakes.aws_sigv4 import AMZ_DATE, MAX_SKEW_SECONDS, SignedRequest, sigv4_signature
 from broker.fakes.oidc import FakeOidcIssuer
+from tests.fakes.aws_account import AwsCredentials, FakeAwsAccount, iso8601
+from tests.fakes.aws_sigv4 import AMZ_DATE, MAX_SKEW_SECONDS, SignedRequest, sigv4_signature
 
 NAMESPACE = "https://sts.amazonaws.com/doc/2011-06-15/"
 VERSION = "2011-06-15"
