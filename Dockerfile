@@ -1,8 +1,8 @@
-# syntax=docker/dockerfile:1
-# (The syntax line names BuildKit's built-in v1 frontend: docker uses its own copy
-# when no registry is reachable, and podman/buildah treat the line as a comment.)
+# wif-broker image. (No `# syntax=` line: it would make BuildKit pull a frontend image
+# from a registry; nothing here needs more than the Dockerfile frontend built into
+# docker, buildah and podman.)
 #
-# wif-broker image. The build stage makes two virtual environments: a throw-away
+# The build stage makes two virtual environments: a throw-away
 # one holding the locked build tools (pip, setuptools), and /opt/wif-broker, which
 # never gets pip: the tools' pip installs into it from outside (`pip --python`).
 # The runtime stage copies only /opt/wif-broker onto the same base and deletes the

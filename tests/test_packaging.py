@@ -565,6 +565,8 @@ def test_dockerfile_invariants() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert not re.search(r"(?im)^\s*ADD\s+(--\S+\s+)*https?://", text)
     assert not re.search(r"(?i)\b(curl|wget)\b", "\n".join(_logical_lines(text)))
+    # A `# syntax=` directive makes BuildKit pull its frontend from a registry.
+    assert not re.search(r"(?im)^#\s*syntax\s*=", text)
 
 
 def _healthcheck_argv() -> list[str]:
