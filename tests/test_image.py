@@ -35,7 +35,12 @@ TOKEN_URL = "http://127.0.0.1:8988/computeMetadata/v1/instance/service-accounts/
 READY_URL = "http://127.0.0.1:8989/readyz"
 # HEALTHCHECK timers need systemd, absent here; `podman healthcheck run` works without them.
 NO_TIMER = ("--health-interval", "disable")
-SANDBOX = ("--network", "none", "--read-only", *NO_TIMER)
+# As a restricted Kubernetes pod runs it: read-only root with only /tmp writable (an
+# emptyDir; podman would otherwise also mount /run and /var/tmp), no capabilities.
+SANDBOX = (
+    "--network", "none", "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp",
+    "--cap-drop", "ALL", "--security-opt", "no-new-privileges", *NO_TIMER,
+)  # fmt: skip
 
 # Runs in a client container next to the broker: the image has python but no curl.
 CLIENT = """
