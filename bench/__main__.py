@@ -3,6 +3,9 @@
 ``python -m bench resilience [...]`` runs the long resilience benchmarks instead
 (``bench/resilience.py``; writes docs/resilience.md).
 
+``python -m bench image [...]`` builds the image before and after with podman and
+reports image and venv sizes (``bench/image.py``; writes docs/image.md).
+
 ``python -m bench nginx [...]`` measures the broker and the aiohttp baseline
 against nginx serving the same JSON from a file (``bench/nginx.py``; writes
 docs/performance-nginx.md).
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import resilience
 
         return resilience.main(given[1:])
+    if given[:1] == ["image"]:
+        from bench import image
+
+        return image.main(given[1:])
     if given[:1] == ["nginx"]:
         from bench import nginx
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shlex
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -58,6 +59,15 @@ async def _rotate(google: FakeGoogle, token_file: Path) -> None:
 
 def _print_intro(resolved: settings.Settings, address: str, tmp: str) -> None:
     env = envbundle.render(settings.parse_address("listen", address), "sh")
+    cred_file = shlex.quote(str(Path(tmp) / "credentials.json"))
+    # Commands are printed to be pasted into a new shell, where this venv is not active:
+    # name this process's own interpreter and executable by absolute path.
+    python = shlex.quote(sys.executable)
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "wif-broker" and argv0.is_file():
+        broker_cmd = shlex.quote(str(argv0.absolute()))
+    else:  # python -m broker (or embedded): the same interpreter runs the same package
+        broker_cmd = f"{python} -m broker"
     print(
         f"""
 wif-broker demo: the real broker, with fake Google STS / IAM Credentials and a fake
@@ -77,8 +87,16 @@ Then try:
   gcloud auth print-access-token
   curl -s -H 'Metadata-Flavor: Google' \\
     http://{address}/computeMetadata/v1/instance/service-accounts/default/token
-  python3 -c 'import google.auth, google.auth.transport.requests as r; \\
+  {python} -c 'import google.auth, google.auth.transport.requests as r; \\
 c, p = google.auth.default(); c.refresh(r.Request()); print(p, c.service_account_email, c.expiry)'
+
+The broker's credential file (an external_account JSON, like the one you will deploy):
+
+  {cred_file}
+
+Run its token chain once, step by step, with `check` (no environment needed):
+
+  {broker_cmd} check --credentials {cred_file}
 
 Ctrl-C (or SIGTERM) stops it.
 """,

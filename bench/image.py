@@ -1,0 +1,225 @@
+"""``python -m bench image``: the image's size and its installed venv's size, before and after.
+
+Builds two images with podman on the same base (the debootstrapped
+``localhost/pybase:bookworm``; no registry is reachable here, so not python:3.12-slim):
+
+- *before*: the Dockerfile and tree of a baseline revision (default: the last one
+  before the locked multi-venv Dockerfile), exactly as they were;
+- *after*: the Dockerfile and tree of this checkout.
+
+For each it reports the image size (uncompressed layers, as ``podman images``),
+what the image adds over the base, and the installed ``/opt/wif-broker`` venv measured
+inside the image (bytes, files, per distribution from its RECORD), plus whether pip,
+setuptools or wheel are importable at run time. Writes docs/image.md.
+
+Needs podman and the base image (scripts/install-podman); exit 2 without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import REPO, machine_info
+from tests import podman
+
+DEFAULT_OUTPUT = REPO / "docs" / "image.md"
+# The last revision with the unlocked single-venv Dockerfile (python:3.12-slim, pip kept).
+BASELINE_REV = "70a5017"
+VENV = "/opt/wif-broker"
+TOP_DISTRIBUTIONS = 12
+
+# Runs inside each image with the venv's interpreter: sizes from the file system, and
+# per distribution from the RECORD files pip wrote.
+PROBE = """
+import importlib.metadata as md, importlib.util, json, os, subprocess, sys
+venv = sys.argv[1]
+total = files = 0
+for d, _, names in os.walk(venv):
+    for n in names:
+        st = os.lstat(os.path.join(d, n))
+        total += st.st_size
+        files += 1
+dists = {}
+for dist in md.distributions():
+    size = 0
+    for f in dist.files or ():
+        p = dist.locate_file(f)
+        if os.path.isfile(p) and not os.path.islink(p):
+            size += os.lstat(p).st_size
+    dists[dist.metadata["Name"]] = size
+probe = ("import importlib.util as u, json; "
+         "print(json.dumps([n for n in ('pip', 'setuptools', 'wheel') if u.find_spec(n)]))")
+installers = {}
+for python in (sys.executable, "/usr/bin/python3"):
+    out = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True).stdout
+    installers[python] = json.loads(out or "[]")
+print(json.dumps({"bytes": total, "files": files, "dists": dists, "installers": installers}))
+"""
+
+
+@dataclass(frozen=True)
+class Measured:
+    label: str
+    source: str
+    image_bytes: int
+    base_bytes: int
+    venv_bytes: int
+    venv_files: int
+    dists: dict[str, int]
+    installers: dict[str, list[str]]
+    build_seconds: float
+
+
+def _export(rev: str, into: Path) -> None:
+    """The tree of ``rev`` as the build context (its own Dockerfile and .dockerignore)."""
+    archive = into.with_suffix(".tar")
+    subprocess.run(
+        ["git", "archive", "--format=tar", "-o", str(archive), rev], cwd=REPO, check=True, timeout=120
+    )
+    into.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+
+
+def measure(label: str, source: str, context: Path) -> Measured:
+    tag = f"localhost/{podman.unique('wif-broker-bench')}:{label}"
+    with podman.removed_image(tag):
+        began = time.perf_counter()
+        podman.build(tag, context=context, build_args=[f"REVISION={podman.git_revision()}"])
+        seconds = time.perf_counter() - began
+        probe = podman.podman(
+            "run", "--rm", *podman.ULIMITS, "--network", "none", "--read-only",
+            "--entrypoint", f"{VENV}/bin/python", tag, "-I", "-c", PROBE, VENV,
+        )  # fmt: skip
+        found = json.loads(probe.stdout)
+        return Measured(
+            label=label,
+            source=source,
+            image_bytes=podman.image_size(tag),
+            base_bytes=podman.image_size(podman.BASE_IMAGE),
+            venv_bytes=found["bytes"],
+            venv_files=found["files"],
+            dists=found["dists"],
+            installers=found["installers"],
+            build_seconds=seconds,
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render(before: Measured, after: Measured, machine: dict[str, str], command: str) -> str:
+    def change(a: int, b: int) -> str:
+        return f"{(b - a) / a:+.0%}" if a else "n/a"
+
+    def installers(m: Measured) -> str:
+        found = sorted({n for names in m.installers.values() for n in names})
+        return ", ".join(found) if found else "none"
+
+    rows = [
+        ("image (uncompressed layers)", before.image_bytes, after.image_bytes),
+        (
+            "added over the base image",
+            before.image_bytes - before.base_bytes,
+            after.image_bytes - after.base_bytes,
+        ),
+        (f"venv `{VENV}` (bytes of its files)", before.venv_bytes, after.venv_bytes),
+    ]
+    lines = [
+        "# Image size",
+        "",
+        f"Generated by `{command}` (bench/image.py); do not edit by hand.",
+        "",
+        f"Measured {machine['date']} on {machine['os']}, {machine['nproc']} CPUs. Both images are built",
+        f"with podman on the same base, `{podman.BASE_IMAGE}` ({_mb(after.base_bytes)}: Debian",
+        "bookworm minbase + python3, python3-venv, ca-certificates, made by scripts/install-podman),",
+        "because no registry is reachable here; on the default `python:3.12-slim-bookworm` base",
+        "the base differs but what the Dockerfile adds is of the same kind.",
+        "",
+        f"- **before**: {before.source}",
+        f"- **after**: {after.source}",
+        "",
+        "| | before | after | change |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {_mb(a)} | {_mb(b)} | {change(a, b)} |" for name, a, b in rows),
+        f"| files in the venv | {before.venv_files} | {after.venv_files} | "
+        f"{change(before.venv_files, after.venv_files)} |",
+        f"| pip / setuptools / wheel importable at run time | {installers(before)} | {installers(after)} | |",
+        f"| build time (this run; layer and pip caches as found) | {before.build_seconds:.0f} s "
+        f"| {after.build_seconds:.0f} s | |",
+        "",
+        f"The venv's {TOP_DISTRIBUTIONS} largest distributions after (bytes of the files in their RECORD):",
+        "",
+        "| distribution | before | after |",
+        "|---|---:|---:|",
+    ]
+    for name, size in sorted(after.dists.items(), key=lambda kv: -kv[1])[:TOP_DISTRIBUTIONS]:
+        was = before.dists.get(name)
+        lines.append(f"| {name} | {_mb(was) if was is not None else '-'} | {_mb(size)} |")
+    gone = sorted(set(before.dists) - set(after.dists))
+    lines += [
+        "",
+        f"Only before: {', '.join(gone) if gone else 'none'}. "
+        f"Distributions after: {len(after.dists)} (before: {len(before.dists)}).",
+        "",
+        "Sizes are uncompressed (a registry stores and transfers the layers gzip-compressed).",
+        "Before, the venv also had pip and setuptools: the base's `python -m venv` seeds them",
+        "(on python:3.12-slim, pip only). After, the venv is created `--without-pip`, and the",
+        "runtime stage deletes the base's own pip/setuptools/wheel.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench image", description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help=f"before (default {BASELINE_REV})")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report path")
+    parser.add_argument("--no-output", action="store_true", help="print only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    why = podman.missing()
+    if why:
+        print(f"bench: {why}. Nothing was measured.", file=sys.stderr)
+        return 2
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.baseline_rev],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if rev.returncode != 0:
+        print(f"bench: baseline revision {args.baseline_rev!r} not found", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="wif-bench-image-") as tmp:
+            context = Path(tmp) / "before"
+            _export(args.baseline_rev, context)
+            before = measure("before", f"the Dockerfile and tree of {rev.stdout.strip()}", context)
+        after = measure(
+            "after", f"the Dockerfile and tree of this checkout ({podman.git_revision()[:7]})", REPO
+        )
+    except (podman.PodmanError, subprocess.SubprocessError, OSError) as exc:
+        print(f"bench: measurement failed: {exc}", file=sys.stderr)
+        return 1
+    command = " ".join(["python -m bench image", shlex.join(argv)]).strip()
+    text = render(before, after, machine_info(), command)
+    print(text)
+    if not args.no_output:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
