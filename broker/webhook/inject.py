@@ -151,23 +151,25 @@ def _args(audience: str, email: str | None, project: str, extra: Sequence[str]) 
 
 def sidecar_container(image: str, args: list[str]) -> dict[str, Any]:
     """The native sidecar; probes, resources and security context as in k8s/deployment.yaml."""
-    probe = {"httpGet": {"port": ADMIN_PORT}, "timeoutSeconds": 2}
+    probe = {"timeoutSeconds": 2}
     return {
         "name": SIDECAR,
         "image": image,
         "restartPolicy": "Always",  # native sidecar: ordered start, does not hold a Job open
         "args": args,
+        # Named after the container, so an app Service's targetPort ("admin", "http")
+        # can never resolve to the sidecar.
         "ports": [{"name": SIDECAR, "containerPort": ADMIN_PORT, "protocol": "TCP"}],
         # Passes once the first token is minted: the app containers start after it.
         "startupProbe": {
             **probe,
-            "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
+            "httpGet": {"path": "/readyz", "port": SIDECAR},
             "periodSeconds": 1,
             "failureThreshold": 120,
         },
         "livenessProbe": {
             **probe,
-            "httpGet": {"path": "/healthz", "port": ADMIN_PORT},
+            "httpGet": {"path": "/healthz", "port": SIDECAR},
             "periodSeconds": 10,
             "failureThreshold": 3,
         },

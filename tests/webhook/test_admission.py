@@ -88,8 +88,9 @@ def test_deployment_pod_gets_the_sidecar_token_and_env(webhook: WebhookProcess) 
     sidecar = _sidecar(patched)
     assert sidecar["image"] == _pods.IMAGE
     assert sidecar["restartPolicy"] == "Always"
-    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8989}
-    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8989}
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "wif-broker"}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "wif-broker"}
+    assert sidecar["ports"] == [{"name": "wif-broker", "containerPort": 8989, "protocol": "TCP"}]
     ctx = sidecar["securityContext"]
     assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
     assert ctx["allowPrivilegeEscalation"] is False
