@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -172,6 +173,10 @@ async def serve(
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, cfg.webhook_listen.host, cfg.webhook_listen.port, ssl_context=ssl_ctx)
         await site.start()
+        # Everything imported and built so far (the Kubernetes client's models are large)
+        # lives for the whole process: keep it out of every later full collection, which
+        # otherwise walks it and shows up as the latency tail (bench/webhook.py).
+        gc.freeze()
         ready.set()
         webhook_at, admin_at = _fmt(runner.addresses[0]), _fmt(admin.addresses[0])
         log.info("listening", extra={"event": "start", "webhook": webhook_at, "admin": admin_at})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import re
 import shlex
@@ -70,6 +71,7 @@ def default_token_audience(audience: str) -> str:
     return "https:" + audience if audience.startswith("//") else audience
 
 
+@functools.lru_cache(maxsize=64)  # per admission; a cluster has a handful of providers
 def audience_problem(audience: str) -> str:
     """What the sidecar's own credential checks say about a provider ``audience`` ("" = fine)."""
     info = {"type": "external_account", "audience": audience, "subject_token_type": JWT}

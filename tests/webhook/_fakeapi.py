@@ -154,3 +154,27 @@ class FakeApiServer:
         }
         path.write_text(json.dumps(config), encoding="utf-8")
         return path
+
+
+def main() -> None:
+    """``python -m tests.webhook._fakeapi DIR DELAY_MS NS/NAME=EMAIL...``: serve until SIGTERM,
+    after writing DIR/kubeconfig (bench/webhook.py runs it in its own process, so the load
+    generator and the fake API server do not share an interpreter)."""
+    import signal
+    import sys
+
+    directory, delay_ms, *accounts = sys.argv[1:]
+    fake = FakeApiServer(Path(directory), delay_seconds=int(delay_ms) / 1000).start()
+    for item in accounts:
+        target, email = item.split("=", 1)
+        namespace, name = target.split("/", 1)
+        fake.add(namespace, name, {"iam.gke.io/gcp-service-account": email})
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    fake.write_kubeconfig(Path(directory) / "kubeconfig.tmp").rename(Path(directory) / "kubeconfig")
+    done.wait()
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 
 from broker import cli, settings
+from broker.webhook import kube
 from tests.webhook import _pods
 from tests.webhook._fakeapi import FakeApiServer
 from tests.webhook._process import Answer, WebhookProcess
@@ -368,3 +369,20 @@ def test_admin_listener_health(webhook: WebhookProcess) -> None:
     ready = webhook.session.get(webhook.admin_url + "/readyz", timeout=5)
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "http://proxy:3128"),
+        ({"https_proxy": "http://proxy:3128", "NO_PROXY": "10.0.0.1"}, None),
+        ({"HTTPS_PROXY": "http://proxy:3128", "no_proxy": ".cluster.local,10.0.0.1"}, None),
+        ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "*"}, None),
+        ({"HTTP_PROXY": "http://proxy:3128"}, None),
+    ],
+)
+def test_api_server_proxy_is_resolved_once_like_client_go(
+    environ: dict[str, str], expected: str | None
+) -> None:
+    assert kube._proxy("https://10.0.0.1:443", environ) == expected
