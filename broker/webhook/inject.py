@@ -222,11 +222,18 @@ def _env_ops(path: str, container: Mapping[str, Any]) -> list[Op]:
         ]
     ops: list[Op] = []
     names = {item.get("name"): i for i, item in enumerate(env)}
+    # A proxy exemption the app already has stays in force in both spellings (curl reads
+    # no_proxy first, Python NO_PROXY): each variant is the app's list plus the broker's.
+    own = [
+        env[names[k]]["value"] for k in ("NO_PROXY", "no_proxy") if k in names and "value" in env[names[k]]
+    ]
     for key, value in wanted.items():
+        if key in ("NO_PROXY", "no_proxy"):
+            value = _merge_no_proxy(own[0], value) if own else value
         if key not in names:
             ops.append({"op": "add", "path": f"{path}/env/-", "value": {"name": key, "value": value}})
         elif key.lower() == "no_proxy" and "value" in env[names[key]]:
-            merged = _merge_no_proxy(str(env[names[key]]["value"]), value)
+            merged = _merge_no_proxy(str(env[names[key]]["value"]), wanted[key])
             if merged != env[names[key]]["value"]:
                 ops.append({"op": "replace", "path": f"{path}/env/{names[key]}/value", "value": merged})
     return ops

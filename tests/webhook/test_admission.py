@@ -157,6 +157,17 @@ def test_existing_env_is_kept_and_no_proxy_merged(webhook: WebhookProcess) -> No
     _unchanged_apart_from_injection(pod, patched)
 
 
+def test_one_spelling_of_no_proxy_carries_over_to_the_other(webhook: WebhookProcess) -> None:
+    """curl reads no_proxy first, Python NO_PROXY: an exemption the app set in one
+    spelling must not be lost in the spelling the webhook adds."""
+    pod = _pods.deployment_pod("app")
+    pod["spec"]["containers"][0]["env"] = [{"name": "NO_PROXY", "value": "corp.example"}]
+    patched = _validated(webhook.review(pod), pod)
+    env = _env(patched["spec"]["containers"][0])
+    assert env["NO_PROXY"] == env["no_proxy"]
+    assert env["no_proxy"].startswith("corp.example,127.0.0.1,")
+
+
 def test_init_containers_get_env_and_the_sidecar_goes_first(webhook: WebhookProcess) -> None:
     pod = _pods.with_containers(_pods.deployment_pod("app"), "app", "worker", init=("migrate", "seed"))
     patched = _validated(webhook.review(pod), pod)
