@@ -110,3 +110,35 @@ def test_manifest_matches_what_the_webhook_injects(name: str) -> None:
     assert "--listen=127.0.0.1:8988" in injected["args"]
     assert "--admin-listen=0.0.0.0:8989" in injected["args"]
     assert "env" not in injected
+
+
+def test_injected_pod_in_the_docs_is_what_the_webhook_injects() -> None:
+    """docs/deployment.md shows an injected pod spec; it is regenerated, not hand-written."""
+    text = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
+    block = text.split("What a pod admitted this way gets", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = yaml.safe_load(block)["spec"]
+    cfg = WebhookSettings(
+        webhook_listen=settings.Address("0.0.0.0", 8443),
+        admin_listen=settings.Address("127.0.0.1", 8989),
+        tls_cert_file="-",
+        tls_key_file="-",
+        sidecar_image="registry.example.com/wif-broker:0.1.0",
+        audience="//iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/k8s-pool/providers/my-cluster",
+        token_audience="",
+        project_id="",
+        sidecar_args=(),
+        log_level="info",
+        log_format="json",
+    )
+    pod = {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {"generateName": "app-7d9f8b6c5d-", "namespace": "team-a"},
+        "spec": {
+            "serviceAccountName": "app",
+            "containers": [{"name": "app", "image": "registry.example.com/app:1"}],
+        },
+    }
+    email = {inject.GKE_ANNOTATION: "app@my-project.iam.gserviceaccount.com"}
+    decision = inject.decide(pod, "team-a", "app", email, cfg)
+    assert jsonpatch.apply_patch(pod, list(decision.patch))["spec"] == shown
