@@ -83,6 +83,18 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
+async def _server_seconds(admin_url: str) -> tuple[float, float]:
+    """(sum, count) of the webhook's own arrival-to-answer histogram."""
+    async with aiohttp.ClientSession() as session, session.get(admin_url + "/metrics") as reply:
+        text = await reply.text()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("wif_broker_webhook_admission_duration_seconds_"):
+            name, value = line.rsplit(" ", 1)
+            values[name.rsplit("_", 1)[1]] = float(value)
+    return values["sum"], values["count"]
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (the load generator uses its own process_time)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -119,11 +131,13 @@ async def measure(total: int, concurrency: int, delay_ms: int) -> dict[str, obje
                 url = f"https://127.0.0.1:{port}/mutate"
                 await _reviews(url, ctx, min(200, total), concurrency)  # warm-up: connections, caches
                 unloaded, _ = await _reviews(url, ctx, 200, 1)  # one at a time: the floor
+                server_before = await _server_seconds(f"http://127.0.0.1:{admin}")
                 cpu_before = (_cpu_seconds(hook.pid), _cpu_seconds(api.pid), time.process_time())
                 began = time.perf_counter()
                 latencies, failures = await _reviews(url, ctx, total, concurrency)
                 wall = time.perf_counter() - began
                 cpu_after = (_cpu_seconds(hook.pid), _cpu_seconds(api.pid), time.process_time())
+                server_after = await _server_seconds(f"http://127.0.0.1:{admin}")
                 loaded_kib, peak_kib = hook.status_kib("VmRSS"), hook.status_kib("VmHWM")
         finally:
             await api.stop()
@@ -139,6 +153,7 @@ async def measure(total: int, concurrency: int, delay_ms: int) -> dict[str, obje
         "max_ms": _ms(max(latencies)),
         "reviews_per_s": total / wall,
         "p50_one_at_a_time_ms": _ms(statistics.median(unloaded)),
+        "server_mean_ms": _ms((server_after[0] - server_before[0]) / (server_after[1] - server_before[1])),
         "cpu_webhook_ms": _ms((cpu_after[0] - cpu_before[0]) / total),
         "cpu_apiserver_ms": _ms((cpu_after[1] - cpu_before[1]) / total),
         "cpu_loadgen_ms": _ms((cpu_after[2] - cpu_before[2]) / total),

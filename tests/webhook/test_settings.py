@@ -108,3 +108,19 @@ def test_sidecar_never_imports_the_kubernetes_client() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_webhook_imports_point_one_way() -> None:
+    """inject.py stays pure (no HTTP, no Kubernetes client); only the CLI reaches broker.webhook."""
+    from tests.test_architecture import ROOT, imports_of
+
+    inject = imports_of(ROOT / "webhook" / "inject.py")
+    assert not [n for n in inject if n.startswith(("aiohttp", "kubernetes_asyncio", "broker.webhook.kube"))]
+    for module in ROOT.rglob("*.py"):
+        if "webhook" in module.parts or module.name == "cli.py":
+            continue
+        assert not [n for n in imports_of(module) if n.startswith("broker.webhook")], module
+    kube_users = [
+        m.name for m in (ROOT / "webhook").glob("*.py") if "kubernetes_asyncio" in str(imports_of(m))
+    ]
+    assert kube_users == ["kube.py"], "one module owns the Kubernetes client"
