@@ -248,6 +248,8 @@ def _patch(pod: Pod, sidecar: dict[str, Any], token_audience: str, skip: set[str
         for index, container in enumerate(spec.get(field) or ()):
             if container.get("name") not in skip:
                 ops += _env_ops(f"/spec/{field}/{index}", container)
+    if any(c.get("name") == SIDECAR for c in spec.get("containers") or ()):
+        raise ValueError(f"already has a container named {SIDECAR!r}")  # names are unique per pod
     volumes = spec.get("volumes")
     if any(v.get("name") == VOLUME for v in volumes or ()):
         raise ValueError(f"already has a volume named {VOLUME!r}")

@@ -277,6 +277,18 @@ def test_annotation_that_is_not_an_email_is_refused(
     assert "pod team-a/report-28940310-*" in answer.message
 
 
+def test_name_clashes_are_refused_not_left_to_api_validation(webhook: WebhookProcess) -> None:
+    clash = _pods.with_containers(_pods.deployment_pod("app"), "app", "wif-broker")
+    answer = webhook.review(clash)
+    assert not answer.allowed
+    assert "container named 'wif-broker'" in answer.message
+    volume = _pods.deployment_pod("app")
+    volume["spec"]["volumes"].append({"name": "wif-broker-token", "emptyDir": {}})
+    answer = webhook.review(volume)
+    assert not answer.allowed
+    assert "volume named 'wif-broker-token'" in answer.message
+
+
 def test_host_network_is_refused(webhook: WebhookProcess) -> None:
     answer = webhook.review(_pods.deployment_pod("app", hostNetwork=True))
     assert not answer.allowed
