@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,9 @@ def _webhook(flags: dict[str, object]) -> int:
 
     resolved = webhook_settings.build(flags, os.environ)
     logs.setup_logging(resolved.log_level, resolved.log_format)
+    # The client library's debug lines carry kubeconfig details and API bodies; they stay
+    # out of the log even at debug (SPEC §8: third-party loggers at INFO).
+    logging.getLogger("kubernetes_asyncio").setLevel(max(logging.INFO, logging.getLogger().level))
     from broker.webhook.server import serve  # imports kubernetes_asyncio: webhook mode only
 
     asyncio.run(serve(resolved, os.environ))

@@ -12,6 +12,8 @@ from broker import cli
 from broker.errors import ConfigError
 from broker.webhook import settings
 from tests.webhook import _pods
+from tests.webhook._fakeapi import FakeApiServer
+from tests.webhook._process import WebhookProcess
 
 REQUIRED = {"tls_cert_file": "/c.pem", "tls_key_file": "/k.pem", "sidecar_image": _pods.IMAGE}
 
@@ -124,3 +126,51 @@ def test_webhook_imports_point_one_way() -> None:
         m.name for m in (ROOT / "webhook").glob("*.py") if "kubernetes_asyncio" in str(imports_of(m))
     ]
     assert kube_users == ["kube.py"], "one module owns the Kubernetes client"
+
+
+def test_debug_log_never_shows_the_api_token(
+    tmp_path: Path, apiserver: FakeApiServer, webhook_tls: Path
+) -> None:
+    process = WebhookProcess(
+        tmp_path,
+        apiserver.write_kubeconfig(tmp_path / "kubeconfig"),
+        webhook_tls / "server.pem",
+        webhook_tls / "server.key",
+        webhook_tls / "ca.pem",
+        f"--sidecar-image={_pods.IMAGE}",
+        f"--audience={_pods.AUDIENCE}",
+        "--log-level=debug",
+    )
+    try:
+        process.wait_ready()
+        assert process.review(_pods.deployment_pod("app")).allowed
+        assert not process.review(_pods.deployment_pod("app", hostNetwork=True)).allowed
+    finally:
+        assert process.stop() == 0
+    log = process.log()
+    assert '"outcome": "refused"' in log, "the refusal is logged, with its reason"
+    assert apiserver.token not in log
+
+
+def test_unusable_kubeconfig_exits_2_naming_it(tmp_path: Path, webhook_tls: Path) -> None:
+    (tmp_path / "kubeconfig").write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker",
+            "webhook",
+            f"--tls-cert-file={webhook_tls / 'server.pem'}",
+            f"--tls-key-file={webhook_tls / 'server.key'}",
+            f"--sidecar-image={_pods.IMAGE}",
+            "--webhook-listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "KUBECONFIG": str(tmp_path / "kubeconfig")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "KUBECONFIG" in done.stderr
+    assert "Traceback" not in done.stderr
