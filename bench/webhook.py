@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shlex
+import shutil
 import ssl
 import statistics
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import throughput
 from bench.common import REPO, BenchError, Child, free_port, machine_info, spawn, started, wait_ok
 from broker.fakes.tls import make_test_ca
 from tests.webhook import _pods
@@ -79,6 +82,65 @@ async def _reviews(url: str, ctx: ssl.SSLContext, total: int, concurrency: int) 
     return latencies, failures
 
 
+def _wrk_script(tmp: Path) -> Path:
+    """POST one AdmissionReview per request; the ``done`` hook of bench/throughput.py reports."""
+    body = tmp / "review.json"
+    body.write_text(json.dumps(_pods.review(_pods.deployment_pod("app"))), encoding="utf-8")
+    script = tmp / "review.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"local f = io.open({json.dumps(str(body))}, 'rb')\n"
+        "wrk.body = f:read('*a')\n"
+        "f:close()\n" + throughput.LUA,
+        encoding="utf-8",
+    )
+    return script
+
+
+async def _wrk(url: str, script: Path, concurrency: int, seconds: int) -> throughput.WrkRun:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise BenchError("wrk is not installed")
+    cmd = [
+        wrk,
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{seconds}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + throughput.WRK_GRACE)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited {proc.returncode}:\n{text}")
+    return throughput.parse_wrk("webhook", concurrency, seconds, text)
+
+
+async def _injected(admin_url: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(admin_url + "/metrics") as reply:
+        text = await reply.text()
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith('wif_broker_webhook_admissions_total{outcome="injected"}')
+    )
+    return float(line.rsplit(" ", 1)[1])
+
+
 def _ms(seconds: float) -> float:
     return seconds * 1000
 
@@ -101,7 +163,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(total: int, concurrency: int, delay_ms: int) -> dict[str, object]:
+async def measure(
+    total: int, concurrency: int, delay_ms: int, seconds: int, loadgen: str
+) -> dict[str, object]:
+    """One webhook, one fake API server; ``loadgen`` is ``wrk`` (C, -t1, ``seconds`` long) or
+    ``python`` (aiohttp, ``total`` reviews; it checks every answer carries a patch)."""
     with tempfile.TemporaryDirectory(prefix="wif-bench-webhook-") as name:
         tmp = Path(name)
         (tmp / "tls").mkdir()
@@ -109,7 +175,10 @@ async def measure(total: int, concurrency: int, delay_ms: int) -> dict[str, obje
         api = await _fake_api(tmp, delay_ms)
         try:
             port, admin = free_port(), free_port()
+            admin_url, url = f"http://127.0.0.1:{admin}", f"https://127.0.0.1:{port}/mutate"
             cmd = [
+                "env",
+                f"KUBECONFIG={tmp / 'api' / 'kubeconfig'}",
                 sys.executable,
                 "-m",
                 "broker",
@@ -122,46 +191,62 @@ async def measure(total: int, concurrency: int, delay_ms: int) -> dict[str, obje
                 f"--audience={_pods.AUDIENCE}",
                 "--log-level=warning",
             ]
-            env_cmd = ["env", f"KUBECONFIG={tmp / 'api' / 'kubeconfig'}", *cmd]
-            async with started("webhook", env_cmd, tmp / "webhook.log") as hook:
+            async with started("webhook", cmd, tmp / "webhook.log") as hook:
                 async with aiohttp.ClientSession() as probe:
-                    await wait_ok(probe, hook, f"http://127.0.0.1:{admin}/readyz", within=30)
+                    await wait_ok(probe, hook, admin_url + "/readyz", within=30)
                 idle_kib = hook.status_kib("VmRSS")
                 ctx = ssl.create_default_context(cafile=str(tmp / "tls" / "ca.pem"))
-                url = f"https://127.0.0.1:{port}/mutate"
-                await _reviews(url, ctx, min(200, total), concurrency)  # warm-up: connections, caches
+                _, failures = await _reviews(url, ctx, 200, concurrency)  # warm-up; every answer checked
                 unloaded, _ = await _reviews(url, ctx, 200, 1)  # one at a time: the floor
-                server_before = await _server_seconds(f"http://127.0.0.1:{admin}")
-                cpu_before = (_cpu_seconds(hook.pid), _cpu_seconds(api.pid), time.process_time())
+                server_before, injected_before = await _server_seconds(admin_url), await _injected(admin_url)
+                cpu_before = (_cpu_seconds(hook.pid), _cpu_seconds(api.pid), _loadgen_cpu())
                 began = time.perf_counter()
-                latencies, failures = await _reviews(url, ctx, total, concurrency)
+                if loadgen == "wrk":
+                    run = await _wrk(url, _wrk_script(tmp), concurrency, seconds)
+                    count, errors = run.requests, run.error_total
+                    p50, p90, p99, worst = run.p50_ms, run.p90_ms, run.p99_ms, run.max_ms
+                else:
+                    latencies, errors = await _reviews(url, ctx, total, concurrency)
+                    count = len(latencies)
+                    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+                    p50, p90, p99, worst = (_ms(x) for x in (cuts[49], cuts[89], cuts[98], max(latencies)))
                 wall = time.perf_counter() - began
-                cpu_after = (_cpu_seconds(hook.pid), _cpu_seconds(api.pid), time.process_time())
-                server_after = await _server_seconds(f"http://127.0.0.1:{admin}")
+                cpu_after = (_cpu_seconds(hook.pid), _cpu_seconds(api.pid), _loadgen_cpu())
+                server_after, injected_after = await _server_seconds(admin_url), await _injected(admin_url)
                 loaded_kib, peak_kib = hook.status_kib("VmRSS"), hook.status_kib("VmHWM")
         finally:
             await api.stop()
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    served = injected_after - injected_before
+    # wrk stops counting at its deadline; up to `concurrency` reviews were still in flight.
+    if not count <= served <= count + concurrency:
+        failures += 1
     return {
-        "reviews": total,
+        "loadgen": loadgen,
+        "reviews": count,
         "concurrency": concurrency,
         "api_delay_ms": delay_ms,
-        "failures": failures,
-        "p50_ms": _ms(statistics.median(latencies)),
-        "p90_ms": _ms(cuts[89]),
-        "p99_ms": _ms(cuts[98]),
-        "max_ms": _ms(max(latencies)),
-        "reviews_per_s": total / wall,
+        "failures": failures + errors,
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "max_ms": worst,
+        "reviews_per_s": count / wall,
         "p50_one_at_a_time_ms": _ms(statistics.median(unloaded)),
         "server_mean_ms": _ms((server_after[0] - server_before[0]) / (server_after[1] - server_before[1])),
-        "cpu_webhook_ms": _ms((cpu_after[0] - cpu_before[0]) / total),
-        "cpu_apiserver_ms": _ms((cpu_after[1] - cpu_before[1]) / total),
-        "cpu_loadgen_ms": _ms((cpu_after[2] - cpu_before[2]) / total),
+        "cpu_webhook_ms": _ms((cpu_after[0] - cpu_before[0]) / count),
+        "cpu_apiserver_ms": _ms((cpu_after[1] - cpu_before[1]) / count),
+        "cpu_loadgen_ms": _ms((cpu_after[2] - cpu_before[2]) / count),
         "cpu_busy_cores": sum(b - a for a, b in zip(cpu_before, cpu_after, strict=True)) / wall,
         "rss_idle_mib": idle_kib / 1024,
         "rss_loaded_mib": loaded_kib / 1024,
         "rss_peak_mib": peak_kib / 1024,
     }
+
+
+def _loadgen_cpu() -> float:
+    """This process (the Python load generator) plus reaped children (wrk, once it exited)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def markdown(result: dict[str, object], machine: dict[str, str], command: str) -> str:
@@ -173,6 +258,7 @@ def markdown(result: dict[str, object], machine: dict[str, str], command: str) -
         ("admission p99", f"{p99:.1f} ms", f"≤ {TARGET_P99_MS:.0f} ms: {status}"),
         ("admission max", f"{float(str(result['max_ms'])):.1f} ms", ""),
         ("throughput", f"{float(str(result['reviews_per_s'])):.0f} reviews/s", ""),
+        ("load generator", str(result["loadgen"]), ""),
         (
             "p50 one review at a time",
             f"{float(str(result['p50_one_at_a_time_ms'])):.1f} ms",
@@ -219,7 +305,13 @@ reviews is a burst of a large Deployment scale-up, not steady state.
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench webhook", description=__doc__.splitlines()[0])
-    parser.add_argument("--reviews", type=int, default=3000, help="measured reviews (default 3000)")
+    parser.add_argument(
+        "--reviews", type=int, default=3000, help="python load generator: reviews (default 3000)"
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="wrk: seconds of load (default 10)")
+    parser.add_argument(
+        "--loadgen", choices=("auto", "wrk", "python"), default="auto", help="auto: wrk when on PATH"
+    )
     parser.add_argument("--concurrency", type=int, default=50, help="reviews in flight (default 50)")
     parser.add_argument("--api-delay-ms", type=int, default=5, help="fake API server answer delay")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report path")
@@ -231,9 +323,14 @@ def main(argv: list[str]) -> int:
         or not 0 <= args.api_delay_ms <= 5000
     ):
         parser.error("--reviews 1..100000, --concurrency 1..1000, --api-delay-ms 0..5000")
+    if not 1 <= args.seconds <= 120:
+        parser.error("--seconds 1..120")
     machine = machine_info()
     try:
-        result = asyncio.run(measure(args.reviews, args.concurrency, args.api_delay_ms))
+        loadgen = ("wrk" if shutil.which("wrk") else "python") if args.loadgen == "auto" else args.loadgen
+        result = asyncio.run(
+            measure(args.reviews, args.concurrency, args.api_delay_ms, args.seconds, loadgen)
+        )
     except (BenchError, OSError, TimeoutError, aiohttp.ClientError) as exc:
         print(f"bench webhook: measurement failed: {exc}", file=sys.stderr)
         return 1
