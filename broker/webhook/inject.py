@@ -16,7 +16,7 @@ from typing import Any
 from broker.envbundle import bundle
 from broker.metrics import Admission
 from broker.settings import Address
-from broker.webhook.settings import WebhookSettings, audience_problem, default_token_audience
+from broker.webhook.settings import PROJECT_ID, WebhookSettings, audience_problem, default_token_audience
 
 SIDECAR = "wif-broker"
 VOLUME = "wif-broker-token"
@@ -35,7 +35,6 @@ SKIP = "wif-broker.io/skip-containers"
 # the NAME@PROJECT.iam.gserviceaccount.com form (broker/settings.py does the same).
 _EMAIL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}@[a-z0-9][a-z0-9.-]{0,200}\.gserviceaccount\.com$")
 _EMAIL_PROJECT = re.compile(r"^[^@]+@([a-z][a-z0-9-]{4,28}[a-z0-9])\.iam\.gserviceaccount\.com$")
-_PROJECT_ID = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 
 Pod = Mapping[str, Any]  # the raw Pod JSON of the AdmissionReview
 Op = dict[str, Any]  # one RFC 6902 operation
@@ -65,8 +64,7 @@ def describe(pod: Pod, namespace: str) -> str:
 
 def precheck(pod: Pod) -> Decision | None:
     """The decisions that need no ServiceAccount read (saves the API call)."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    if annotations.get(INJECT) == "false":
+    if _pod_annotations(pod).get(INJECT) == "false":
         return Decision(Outcome.OPTED_OUT)
     spec = pod.get("spec") or {}
     if any(c.get("name") == SIDECAR for c in spec.get("initContainers") or ()):
@@ -120,7 +118,7 @@ def decide(
                 f"{sa} has no project for {'direct federated access' if email is None else email}",
                 f"annotate the ServiceAccount {PROJECT}: PROJECT_ID, or give the webhook a project-id",
             )
-        if not _PROJECT_ID.match(project):
+        if not PROJECT_ID.match(project):  # the webhook's own project-id was checked at start-up
             return refuse(f"{sa} annotation {PROJECT}={project!r} is not a project id", "use the project ID")
     token_audience = (
         default_token_audience(audience) if sa_annotations.get(AUDIENCE) else cfg.token_audience

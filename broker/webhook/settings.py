@@ -26,6 +26,8 @@ from broker.settings import ENV_PREFIX, Address, Spec, check_logging, parse_addr
 
 # An OCI reference: [registry/]path[:tag][@digest]; no spaces, nothing a shell would split.
 JWT = "urn:ietf:params:oauth:token-type:jwt"
+# A project ID, optionally domain-scoped ("example.com:my-project").
+PROJECT_ID = re.compile(r"^(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(?::[A-Za-z0-9_.-]+)?(?:@sha256:[a-f0-9]{64})?$")
 
 SPECS: tuple[Spec, ...] = (
@@ -144,6 +146,8 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str]) -> WebhookSettin
     audience, token_audience = values["audience"] or "", values["token-audience"] or ""
     if token_audience and not token_audience.strip() == token_audience:
         raise ConfigError("token-audience", "must not have surrounding spaces")
+    if values["project-id"] and not PROJECT_ID.match(values["project-id"]):
+        raise ConfigError("project-id", f"{values['project-id']!r} is not a project ID such as my-project")
     if audience and audience_problem(audience):
         raise ConfigError("audience", f"{audience!r}: {audience_problem(audience)}")
     check_logging(values["log-level"], values["log-format"])

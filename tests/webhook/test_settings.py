@@ -56,6 +56,7 @@ def test_precedence_flag_env_toml_default(tmp_path: Path) -> None:
         ({"webhook_listen": "8443"}, {}, "webhook-listen"),
         ({}, {"WIF_BROKER_LISTEN": "127.0.0.1:1"}, "WIF_BROKER_LISTEN"),
         ({"log_level": "loud"}, {}, "log-level"),
+        ({"project_id": "123456789012"}, {}, "project-id"),
     ],
 )
 def test_bad_settings_name_the_field(extra: dict[str, object], env: dict[str, str], field: str) -> None:
