@@ -190,6 +190,7 @@ async def measure(
                 f"--sidecar-image={_pods.IMAGE}",
                 f"--audience={_pods.AUDIENCE}",
                 "--log-level=warning",
+                "--shutdown-delay=0",
             ]
             async with started("webhook", cmd, tmp / "webhook.log") as hook:
                 async with aiohttp.ClientSession() as probe:

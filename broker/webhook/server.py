@@ -183,8 +183,12 @@ async def serve(
         if on_listening is not None:
             await on_listening(webhook_at, admin_at)
         await stop.wait()
+        # failurePolicy: Fail turns a review sent to a replica that already closed its port
+        # into a refused pod. Not ready first, still answering, until the Service's
+        # endpoints have dropped this replica; then drain.
         ready.clear()
-        log.info("draining", extra={"event": "stop"})
+        log.info("draining", extra={"event": "stop", "delay_seconds": cfg.shutdown_delay})
+        await asyncio.sleep(cfg.shutdown_delay)
     log.info("stopped", extra={"event": "stopped"})
 
 

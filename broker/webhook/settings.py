@@ -40,6 +40,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("token-audience", "str", None, "audience of the projected token (default: https: + audience)"),
     Spec("project-id", "str", None, "default project for direct federated access"),
     Spec("sidecar-args", "str", "", "extra sidecar arguments, one shell-like string"),
+    Spec(
+        "shutdown-delay",
+        "int",
+        5,
+        "seconds /mutate keeps answering after SIGTERM while /readyz says 503 (endpoint removal)",
+    ),
     Spec("log-level", "str", "info", "debug | info | warning | error"),
     Spec("log-format", "str", "json", "json | text"),
 )
@@ -57,6 +63,7 @@ class WebhookSettings:
     token_audience: str  # "" when derived per pod from the audience in effect
     project_id: str
     sidecar_args: tuple[str, ...]
+    shutdown_delay: int  # seconds
     log_level: str
     log_format: str
 
@@ -146,6 +153,8 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str]) -> WebhookSettin
     audience, token_audience = values["audience"] or "", values["token-audience"] or ""
     if token_audience and not token_audience.strip() == token_audience:
         raise ConfigError("token-audience", "must not have surrounding spaces")
+    if values["shutdown-delay"] > 60:
+        raise ConfigError("shutdown-delay", "is at most 60 seconds")
     if values["project-id"] and not PROJECT_ID.match(values["project-id"]):
         raise ConfigError("project-id", f"{values['project-id']!r} is not a project ID such as my-project")
     if audience and audience_problem(audience):
@@ -161,6 +170,7 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str]) -> WebhookSettin
         token_audience=token_audience,
         project_id=values["project-id"] or "",
         sidecar_args=extra,
+        shutdown_delay=values["shutdown-delay"],
         log_level=values["log-level"],
         log_format=values["log-format"],
     )

@@ -61,6 +61,7 @@ class WebhookProcess:
             f"--tls-cert-file={cert}",
             f"--tls-key-file={key}",
             "--log-format=json",
+            "--shutdown-delay=0",  # tests that need the delay pass their own (the last flag wins)
             *flags,
         ]
         self._log = self.stderr_path.open("wb")

@@ -80,6 +80,7 @@ def test_manifest_matches_what_the_webhook_injects(name: str) -> None:
         token_audience="",
         project_id="",
         sidecar_args=(),
+        shutdown_delay=0,
         log_level="info",
         log_format="json",
     )
@@ -127,6 +128,7 @@ def test_injected_pod_in_the_docs_is_what_the_webhook_injects() -> None:
         token_audience="",
         project_id="",
         sidecar_args=(),
+        shutdown_delay=0,
         log_level="info",
         log_format="json",
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ def test_defaults() -> None:
     assert str(resolved.admin_listen) == "127.0.0.1:8989"
     assert resolved.audience == ""
     assert resolved.sidecar_args == ()
+    assert resolved.shutdown_delay == 5
 
 
 def test_precedence_flag_env_toml_default(tmp_path: Path) -> None:
@@ -57,6 +60,7 @@ def test_precedence_flag_env_toml_default(tmp_path: Path) -> None:
         ({}, {"WIF_BROKER_LISTEN": "127.0.0.1:1"}, "WIF_BROKER_LISTEN"),
         ({"log_level": "loud"}, {}, "log-level"),
         ({"project_id": "123456789012"}, {}, "project-id"),
+        ({"shutdown_delay": "61"}, {}, "shutdown-delay"),
     ],
 )
 def test_bad_settings_name_the_field(extra: dict[str, object], env: dict[str, str], field: str) -> None:
@@ -175,3 +179,31 @@ def test_unusable_kubeconfig_exits_2_naming_it(tmp_path: Path, webhook_tls: Path
     assert done.returncode == 2, done.stderr
     assert "KUBECONFIG" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sigterm_turns_unready_but_keeps_answering_then_exits_0(
+    tmp_path: Path, apiserver: FakeApiServer, webhook_tls: Path
+) -> None:
+    """With failurePolicy: Fail a closed port refuses pods: after SIGTERM the replica says
+    503 on /readyz (the endpoints controller drops it) and answers reviews until the delay ends."""
+    process = WebhookProcess(
+        tmp_path,
+        apiserver.write_kubeconfig(tmp_path / "kubeconfig"),
+        webhook_tls / "server.pem",
+        webhook_tls / "server.key",
+        webhook_tls / "ca.pem",
+        f"--sidecar-image={_pods.IMAGE}",
+        f"--audience={_pods.AUDIENCE}",
+        "--shutdown-delay=3",
+    )
+    process.wait_ready()
+    process.proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    deadline = began + 2
+    while process.session.get(process.admin_url + "/readyz", timeout=2).status_code != 503:
+        assert time.monotonic() < deadline, "still ready after SIGTERM"
+        time.sleep(0.05)
+    assert process.review(_pods.deployment_pod("app")).allowed, "reviews are still answered"
+    assert process.proc.wait(15) == 0
+    assert 2.5 <= time.monotonic() - began <= 12
+    process.stop()
