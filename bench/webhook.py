@@ -279,6 +279,12 @@ def markdown(result: dict[str, object], machine: dict[str, str], command: str) -
         ("webhook peak RSS (VmHWM)", f"{float(str(result['rss_peak_mib'])):.1f} MiB", "chart limit 192 MiB"),
     ]
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    cpu = float(str(result["cpu_webhook_ms"]))
+    capacity = 1000 / cpu if cpu else 0.0
+    busy = float(str(result["cpu_busy_cores"]))
+    shared = (
+        " (the rest went to other jobs on this shared machine)" if busy < 0.75 * int(machine["nproc"]) else ""
+    )
     return f"""# Webhook performance
 
 Measured by `{command}` ({machine["date"]}). The real webhook process
@@ -296,11 +302,18 @@ parsed), so it includes the load generator's own TLS and JSON work on the same m
 Machine: {machine["cpu"]}, {machine["nproc"]} CPUs shared with other jobs, {machine["memory"]},
 {machine["os"]}, Python {machine["python"]}, aiohttp {machine["aiohttp"]}.
 
-What bounds it: each review is one TLS request, one live ServiceAccount GET (5 ms here,
-a few ms on a real API server) and a pure-Python decision with a ~4 KB patch. There is
-no cache by design (SPEC §9: a stale cache is how peers admit pods uninjected). The
-API server calls the webhook once per pod creation, so {result["concurrency"]} concurrent
-reviews is a burst of a large Deployment scale-up, not steady state.
+What bounds it: CPU. Each review is one TLS request in, one live ServiceAccount GET
+out (TLS, 5 ms here, a few ms on a real API server) and a pure-Python decision with a
+~4 KB patch: {cpu:.2f} ms of webhook CPU, so one replica on one free core answers about
+{capacity:.0f} reviews/s. With {result["concurrency"]} reviews in flight on a closed loop,
+latency is roughly in-flight times CPU per review divided by the CPU the three processes
+actually got: {busy:.2f} of {machine["nproc"]} cores on average during this run{shared}.
+There is no ServiceAccount cache by design (SPEC §9: a stale cache is how peers admit
+pods uninjected). The chart runs two replicas, which the API server's Service spreads
+reviews over; {result["concurrency"]} concurrent reviews is a burst of a large Deployment
+scale-up, not steady state. Memory: the Kubernetes client library is most of the idle
+RSS; the growth under load is the {result["concurrency"]} inbound and up to 64 pooled
+API-server TLS connections.
 """
 
 
