@@ -207,3 +207,53 @@ def test_sigterm_turns_unready_but_keeps_answering_then_exits_0(
     assert process.proc.wait(15) == 0
     assert 2.5 <= time.monotonic() - began <= 12
     process.stop()
+
+
+def test_wrong_bearer_token_is_a_refusal_naming_rbac(
+    tmp_path: Path, apiserver: FakeApiServer, webhook_tls: Path
+) -> None:
+    """The fake API server is strict: a token it does not know is a 401 Status, which the
+    webhook reports as a refusal (never as an admission without injection)."""
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig")
+    kubeconfig.write_text(kubeconfig.read_text().replace(apiserver.token, "not-the-token"))
+    process = WebhookProcess(
+        tmp_path,
+        kubeconfig,
+        webhook_tls / "server.pem",
+        webhook_tls / "server.key",
+        webhook_tls / "ca.pem",
+        f"--sidecar-image={_pods.IMAGE}",
+        f"--audience={_pods.AUDIENCE}",
+    )
+    try:
+        process.wait_ready()
+        answer = process.review(_pods.deployment_pod("app"))
+        assert not answer.allowed
+        assert "HTTP 401" in answer.message
+        assert process.metrics()['wif_broker_webhook_serviceaccount_reads_total{outcome="forbidden"}'] == 1
+    finally:
+        assert process.stop() == 0
+
+
+def test_api_server_certificate_is_verified(
+    tmp_path: Path, apiserver: FakeApiServer, webhook_tls: Path
+) -> None:
+    """A kubeconfig trusting another CA: the TLS handshake fails and the pod is refused."""
+    kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig")
+    kubeconfig.write_text(kubeconfig.read_text().replace(str(apiserver.ca_file), str(webhook_tls / "ca.pem")))
+    process = WebhookProcess(
+        tmp_path,
+        kubeconfig,
+        webhook_tls / "server.pem",
+        webhook_tls / "server.key",
+        webhook_tls / "ca.pem",
+        f"--sidecar-image={_pods.IMAGE}",
+        f"--audience={_pods.AUDIENCE}",
+    )
+    try:
+        process.wait_ready()
+        answer = process.review(_pods.deployment_pod("app"))
+        assert not answer.allowed
+        assert "cannot reach the API server" in answer.message
+    finally:
+        assert process.stop() == 0
