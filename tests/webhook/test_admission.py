@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from broker import cli, settings
+from broker import cli, credconfig, settings
 from broker.webhook import kube
 from tests.webhook import _pods
 from tests.webhook._fakeapi import FakeApiServer
@@ -106,7 +106,7 @@ def test_deployment_pod_gets_the_sidecar_token_and_env(webhook: WebhookProcess) 
     assert resolved.project_id == "my-project"
     assert [str(a) for a in resolved.listen] == ["127.0.0.1:8988"]
     assert str(resolved.admin_listen) == "0.0.0.0:8989"
-    assert resolved.cred.source == settings.credconfig.FileSource("/var/run/secrets/wif-broker/token")
+    assert resolved.cred.source == credconfig.FileSource("/var/run/secrets/wif-broker/token")
     (volume,) = [v for v in patched["spec"]["volumes"] if v["name"] == "wif-broker-token"]
     assert volume["projected"]["sources"] == [
         {
