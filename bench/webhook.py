@@ -289,11 +289,13 @@ def markdown(result: dict[str, object], machine: dict[str, str], command: str) -
 
 Measured by `{command}` ({machine["date"]}). The real webhook process
 (`python -m broker webhook`) over HTTPS on loopback; {result["reviews"]} AdmissionReviews
-of an annotated Deployment pod, {result["concurrency"]} in flight at a time, after a
-warm-up of 200; every review reads the ServiceAccount from a fake API server (its own
-process, TLS + bearer token) that answers after {result["api_delay_ms"]} ms, and returns
-the full JSONPatch. Latency is the client's round trip (request sent → AdmissionReview
-parsed), so it includes the load generator's own TLS and JSON work on the same machine.
+of an annotated Deployment pod from `{result["loadgen"]}`, {result["concurrency"]} in flight
+at a time (one per connection, kept alive as the API server does), after a warm-up of
+200 whose answers were each checked for the patch. Every review reads the
+ServiceAccount live from a fake API server (its own process, TLS + bearer token) that
+answers after {result["api_delay_ms"]} ms. The webhook's `injected` counter is checked
+against the number of answers. Latency is the load generator's round trip on the same
+machine.
 
 | measure | value | target |
 |---|---|---|
@@ -311,9 +313,10 @@ actually got: {busy:.2f} of {machine["nproc"]} cores on average during this run{
 There is no ServiceAccount cache by design (SPEC §9: a stale cache is how peers admit
 pods uninjected). The chart runs two replicas, which the API server's Service spreads
 reviews over; {result["concurrency"]} concurrent reviews is a burst of a large Deployment
-scale-up, not steady state. Memory: the Kubernetes client library is most of the idle
-RSS; the growth under load is the {result["concurrency"]} inbound and up to 64 pooled
-API-server TLS connections.
+scale-up, not steady state. Memory: importing kubernetes_asyncio costs about 40 MiB
+of the idle RSS (its package imports every generated API and model class); the growth
+under load is the {result["concurrency"]} inbound and up to 64 pooled API-server TLS
+connections. The sidecar never imports it (tests/webhook/test_settings.py).
 """
 
 
