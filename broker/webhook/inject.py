@@ -128,7 +128,7 @@ def decide(
     try:
         ops = _patch(pod, sidecar, token_audience, skip)
     except ValueError as exc:
-        return refuse(str(exc), f'rename it, or annotate the pod {INJECT}: "false"')
+        return refuse(str(exc), f'rename or move it, or annotate the pod {INJECT}: "false"')
     return Decision(Outcome.INJECTED, tuple(ops))
 
 
@@ -248,6 +248,17 @@ def _patch(pod: Pod, sidecar: dict[str, Any], token_audience: str, skip: set[str
                 ops += _env_ops(f"/spec/{field}/{index}", container)
     if any(c.get("name") == SIDECAR for c in spec.get("containers") or ()):
         raise ValueError(f"already has a container named {SIDECAR!r}")  # names are unique per pod
+    for container in [*(spec.get("initContainers") or ()), *(spec.get("containers") or ())]:
+        for port in container.get("ports") or ():
+            if (
+                port.get("containerPort") in (LISTEN.port, ADMIN_PORT)
+                and port.get("protocol", "TCP") == "TCP"
+            ):
+                # One network namespace: the sidecar could not bind and the pod would hang in Init.
+                raise ValueError(
+                    f"container {container.get('name')!r} uses port {port['containerPort']}, "
+                    f"which the sidecar needs ({LISTEN.port} and {ADMIN_PORT})"
+                )
     volumes = spec.get("volumes")
     if any(v.get("name") == VOLUME for v in volumes or ()):
         raise ValueError(f"already has a volume named {VOLUME!r}")

@@ -287,6 +287,11 @@ def test_name_clashes_are_refused_not_left_to_api_validation(webhook: WebhookPro
     answer = webhook.review(volume)
     assert not answer.allowed
     assert "volume named 'wif-broker-token'" in answer.message
+    port = _pods.deployment_pod("app")
+    port["spec"]["containers"][0]["ports"] = [{"name": "metrics", "containerPort": 8989, "protocol": "TCP"}]
+    answer = webhook.review(port)
+    assert not answer.allowed
+    assert "uses port 8989" in answer.message
 
 
 def test_host_network_is_refused(webhook: WebhookProcess) -> None:
