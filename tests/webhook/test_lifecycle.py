@@ -6,6 +6,7 @@ import signal
 import time
 from pathlib import Path
 
+from broker.webhook import kube
 from tests.webhook import _pods
 from tests.webhook._fakeapi import FakeApiServer
 from tests.webhook._process import WebhookProcess
@@ -111,3 +112,23 @@ def test_api_server_certificate_is_verified(
         assert "cannot reach the API server" in answer.message
     finally:
         assert process.stop() == 0
+
+
+async def test_api_client_does_not_reread_proxy_env_and_netrc_per_request(
+    tmp_path: Path, apiserver: FakeApiServer
+) -> None:
+    """aiohttp's trust_env re-reads the proxy variables and ~/.netrc (on a thread) for every
+    request: over 1 ms of CPU per review (bench/webhook.py). The reader turns it off; this
+    fails if a client-library or aiohttp upgrade brings it back."""
+    reader = await kube.ServiceAccountReader.open(
+        {"KUBECONFIG": str(apiserver.write_kubeconfig(tmp_path / "kc"))}
+    )
+    try:
+        session = reader._api.rest_client.pool_manager
+        assert session.trust_env is False
+        assert session.connector is not None
+        assert session.connector.limit == kube.MAX_CONNECTIONS
+        account = await reader.read("team-a", "app")
+        assert account.annotations == {"iam.gke.io/gcp-service-account": _pods.SA_EMAIL}
+    finally:
+        await reader.close()
