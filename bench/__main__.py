@@ -6,6 +6,9 @@
 ``python -m bench image [...]`` builds the image before and after with podman and
 reports image and venv sizes (``bench/image.py``; writes docs/image.md).
 
+``python -m bench webhook [...]`` measures the Kubernetes admission webhook's latency at
+50 concurrent reviews and its memory (``bench/webhook.py``; writes docs/webhook-performance.md).
+
 ``python -m bench nginx [...]`` measures the broker and the aiohttp baseline
 against nginx serving the same JSON from a file (``bench/nginx.py``; writes
 docs/performance-nginx.md).
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import nginx
 
         return nginx.main(given[1:])
+    if given[:1] == ["webhook"]:
+        from bench import webhook
+
+        return webhook.main(given[1:])
     args = parse_args(argv)
     if args.profile and shutil.which("py-spy") is None:
         print("bench: --profile needs py-spy on PATH (pip install py-spy)", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ from typing import NoReturn
 from broker import __version__, daemon, envbundle, logs, settings
 from broker.errors import ConfigError
 
-COMMANDS = ("run", "demo", "check", "env")
+COMMANDS = ("run", "demo", "check", "env", "webhook")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +31,9 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{spec.name}", **kwargs)  # type: ignore[arg-type]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, webhook: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``webhook`` adds the webhook's flags (imported only then, so the
+    sidecar's start-up never loads broker.webhook)."""
     parser = _Parser(
         prog="wif-broker", description="GCE metadata server backed by Workload Identity Federation"
     )
@@ -46,14 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings(command)
         if name == "env":
             command.add_argument("--format", choices=envbundle.FORMATS, default="sh")
+    command = sub.add_parser("webhook", help="serve the Kubernetes mutating admission webhook (SPEC §9)")
+    if webhook:
+        _add_webhook_settings(command)
     return parser
+
+
+def _add_webhook_settings(parser: argparse.ArgumentParser) -> None:
+    # The webhook's flags are a table of their own; the Kubernetes client is imported
+    # later still, only when the sub-command runs.
+    from broker.webhook.settings import add_flags
+
+    add_flags(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help", "--version"):
         args_list.insert(0, "run")
-    args = build_parser().parse_args(args_list)
+    args = build_parser(webhook=args_list[0] == "webhook").parse_args(args_list)
     flags = vars(args)
     try:
         if args.command == "demo":
@@ -64,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings.check_logging(level, fmt)
             logs.setup_logging(level, fmt)
             return asyncio.run(run_demo(flags))
+        if args.command == "webhook":
+            return _webhook(flags)
         if args.command == "env":
             # Only the listen address matters here; no credentials needed.
             listen = settings.collect(flags, os.environ)["listen"][0]
@@ -82,3 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _webhook(flags: dict[str, object]) -> int:
+    from broker.webhook import settings as webhook_settings
+
+    resolved = webhook_settings.build(flags, os.environ)
+    logs.setup_logging(resolved.log_level, resolved.log_format)
+    # The client library's debug lines carry kubeconfig details and API bodies; they stay
+    # out of the log even at debug (SPEC §8: third-party loggers at INFO).
+    logging.getLogger("kubernetes_asyncio").setLevel(max(logging.INFO, logging.getLogger().level))
+    from broker.webhook.server import serve  # imports kubernetes_asyncio: webhook mode only
+
+    asyncio.run(serve(resolved, os.environ))
+    return 0

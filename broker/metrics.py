@@ -126,7 +126,13 @@ class HotCounter(Collector):
     combinations are fixed (and exported from zero) at construction.
     """
 
-    def __init__(self, name: str, documentation: str, labels: dict[str, Iterable[str]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: dict[str, Iterable[str]],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = list(labels)
@@ -134,7 +140,7 @@ class HotCounter(Collector):
         for values in labels.values():
             combos = [(*combo, value) for combo in combos for value in values]
         self.cells = {combo: Cell() for combo in combos}
-        REGISTRY.register(self)
+        registry.register(self)
 
     def cell(self, *labels: str) -> Cell:
         return self.cells[labels]
@@ -206,3 +212,59 @@ def request_cells(endpoint: Endpoint) -> tuple[Cell, ...]:
     """The request counter's cells of one endpoint class, indexed by ``min(status // 100, 5)``:
     resolved once per route, so counting a request is an index and an add."""
     return tuple(REQUESTS.cells[(endpoint.value, c)] for c in _CLASSES)
+
+
+# --------------------------------------------------------------------------------------------
+# `wif-broker webhook` (SPEC §9): its own registry, so the sidecar's /metrics carries no
+# webhook series and the webhook's carries no token series.
+
+WEBHOOK_REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=WEBHOOK_REGISTRY)
+
+
+class Admission(StrEnum):
+    """What the webhook did with one AdmissionReview."""
+
+    INJECTED = "injected"
+    NOT_OPTED_IN = "not_opted_in"
+    OPTED_OUT = "opted_out"
+    ALREADY_INJECTED = "already_injected"
+    REFUSED = "refused"
+    NOT_A_POD = "not_a_pod"  # another kind or operation: allowed unpatched
+    BAD_REQUEST = "bad_request"  # not an AdmissionReview v1 (HTTP 400)
+
+
+class SaRead(StrEnum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+
+
+WEBHOOK_ADMISSIONS = HotCounter(
+    "wif_broker_webhook_admissions_total",
+    "AdmissionReviews answered by the webhook, by outcome.",
+    {"outcome": [a.value for a in Admission]},
+    registry=WEBHOOK_REGISTRY,
+)
+WEBHOOK_SA_READS = HotCounter(
+    "wif_broker_webhook_serviceaccount_reads_total",
+    "ServiceAccount reads from the API server, by outcome.",
+    {"outcome": [r.value for r in SaRead]},
+    registry=WEBHOOK_REGISTRY,
+)
+WEBHOOK_SECONDS = Histogram(
+    "wif_broker_webhook_admission_duration_seconds",
+    "Time from an AdmissionReview's arrival to its answer.",
+    buckets=LATENCY_BUCKETS,
+    registry=WEBHOOK_REGISTRY,
+)
+WEBHOOK_TLS_RELOADS = Counter(
+    "wif_broker_webhook_tls_reloads_total",
+    "Reloads of the serving certificate after its files changed, by outcome.",
+    ["outcome"],
+    registry=WEBHOOK_REGISTRY,
+)
+for _result in ("ok", "error"):
+    WEBHOOK_TLS_RELOADS.labels(outcome=_result)

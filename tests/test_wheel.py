@@ -33,6 +33,10 @@ import broker
 from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
 from tests.fakes.aws import ISOLATED_ENV, FakeAws, accept_aws
 from tests.fakes.azure import DEFAULT_APP, FakeAzure
+from tests.fakes.tls import make_test_ca
+from tests.webhook import _pods
+from tests.webhook._fakeapi import FakeApiServer
+from tests.webhook._process import WebhookProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
@@ -276,6 +280,8 @@ async def test_every_command_runs_from_the_wheel(installed: Installed, tmp_path:
             ) as address:
                 assert (await _token(address))["access_token"] in google.iam.issued_access
 
+    await asyncio.to_thread(_webhook_admits_a_pod, installed, tmp_path / "webhook")
+
     # Every sub-command the CLI offers was run above.
     help_text = await _run(installed, "--help")
     installed.ran.discard("--help")
@@ -291,6 +297,37 @@ async def test_every_command_runs_from_the_wheel(installed: Installed, tmp_path:
     for dist, modules in provided.items():
         assert modules & imported, f"{dist} is declared but no command imported it"
         assert any(_covers(modules, name) for name in direct), f"{dist} is imported by no product module"
+
+
+def _webhook_admits_a_pod(installed: Installed, tmp: Path) -> None:
+    """``webhook`` from the wheel, against the strict fake API server: one pod injected."""
+    installed.ran.add("webhook")
+    tmp.mkdir()
+    make_test_ca(tmp)
+    api = FakeApiServer(tmp).start()
+    try:
+        api.add("team-a", "app", {"iam.gke.io/gcp-service-account": _pods.SA_EMAIL})
+        process = WebhookProcess(
+            tmp,
+            api.write_kubeconfig(tmp / "kubeconfig"),
+            tmp / "server.pem",
+            tmp / "server.key",
+            tmp / "ca.pem",
+            f"--sidecar-image={_pods.IMAGE}",
+            f"--audience={_pods.AUDIENCE}",
+            program=[str(installed.program)],
+            environ=installed.env(),
+        )
+        try:
+            process.wait_ready()
+            answer = process.review(_pods.deployment_pod())
+        finally:
+            rc = process.stop()
+        assert answer.allowed, answer.message
+        assert answer.patch, "a pod of an annotated ServiceAccount is injected"
+        assert rc == 0, process.log()
+    finally:
+        api.stop()
 
 
 def _covers(modules: set[str], name: str) -> bool:
