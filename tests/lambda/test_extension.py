@@ -1,0 +1,113 @@
+"""``wif-broker lambda-extension`` against a strict fake of the Extensions API (SPEC §10).
+
+The extension runs as Lambda runs it: a separate process started with the function's
+environment (execution-role keys, ``AWS_LAMBDA_RUNTIME_API``, ``WIF_BROKER_*``), and
+the function is a real google-auth (and gcloud) process with the metadata env.
+(``lambda`` is a keyword, so this package imports its helpers relatively.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.clients._subproc import run
+from tests.conftest import require_tool
+
+from ._sandbox import TOKEN_PATH, exit_status, extension, sandbox
+
+
+async def test_first_invoke_is_served_from_cache(tmp_path: Path) -> None:
+    gcloud = require_tool("gcloud")
+    async with sandbox() as box, extension(box) as proc:
+        first = await box.runtime.wait_for_poll(1)
+        # Registered before any upstream call, minted before asking for the first event.
+        assert box.runtime.calls == ["register", "next"]
+        assert box.runtime.registered_at is not None
+        assert box.runtime.registered_at < box.google.sts.calls[0].at
+        assert first.probe == (1, 1), "the default token was not minted (exactly once) during init"
+        subjects = [t.subject for t in box.google.sts.issued.values()]
+        assert subjects == [box.role_session_arn], "STS did not see the function's execution role"
+
+        box.runtime.deliver_invoke()
+        function = (await box.run_function()).json()
+        config = tmp_path / "gcloud"
+        config.mkdir()
+        printed = await run(gcloud, "auth", "print-access-token", env=box.function_env(config))
+        second = await box.runtime.wait_for_poll(2)
+
+        assert function["token"] in box.google.iam.issued_access
+        assert function["email"] == box.env["WIF_BROKER_SERVICE_ACCOUNT"]
+        assert printed.stdout.strip() == function["token"]
+        assert second.probe == (1, 1), "the invoke caused an STS or IAM call"
+        # gcloud also fetches an ID token for its own client audience: another token kind,
+        # minted on its demand. The access token every client asked for came from cache.
+        minted = [c.path.rpartition(":")[2] for c in box.google.iam.calls]
+        assert minted == ["generateAccessToken", "generateIdToken"]
+        assert len(box.google.sts.calls) == 1
+
+        deadline = box.runtime.deliver_shutdown(deadline_seconds=2.0)
+        status, output = await exit_status(proc)
+        assert status == 0, output
+        assert time.time() < deadline + 0.5, "did not exit within the SHUTDOWN deadline"
+        assert box.runtime.violations == []
+        assert box.runtime.errors == []
+        assert function["token"] not in output
+
+
+async def test_configuration_error_is_reported_after_registering() -> None:
+    async with sandbox(min_serve_ttl="soon") as box, extension(box) as proc:
+        status, output = await exit_status(proc)
+        assert status == 2, output
+        assert box.runtime.calls == ["register", "init/error"]
+        report = box.runtime.errors[0]
+        assert report.error_type == "Extension.ConfigError"
+        assert report.body["errorType"] == "Extension.ConfigError"
+        assert "min-serve-ttl" in report.body["errorMessage"]
+        assert box.counts() == (0, 0), "an upstream was called with a broken configuration"
+        assert box.runtime.violations == []
+
+
+async def test_iam_denial_during_init_is_reported_and_exits_non_zero() -> None:
+    denied = "stranger@wif-broker-demo.iam.gserviceaccount.com"  # not impersonable on the fake
+    async with sandbox(service_account=denied) as box, extension(box) as proc:
+        status, output = await exit_status(proc)
+        assert status == 1, output
+        assert box.runtime.calls == ["register", "init/error"]
+        report = box.runtime.errors[0]
+        assert report.error_type == "Extension.MintError"
+        message = report.body["errorMessage"]
+        assert "iam_generate_access_token" in message
+        assert "403" in message
+        for token in box.google.sts.issued:
+            assert token not in message, "a token leaked into init/error"
+            assert token not in output, "a token leaked into the log"
+        assert box.runtime.violations == []
+
+
+async def test_shutdown_lets_an_in_flight_request_finish() -> None:
+    async with sandbox() as box, extension(box) as proc:
+        await box.runtime.wait_for_poll(1)
+        box.google.iam.delay_seconds = 1.0  # the next mint (a new scope set) is slow
+        url = f"http://{box.metadata_host}{TOKEN_PATH}?scopes=https://www.googleapis.com/auth/devstorage.read_only"
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(
+                session.get(url, headers={"Metadata-Flavor": "Google"}, timeout=aiohttp.ClientTimeout(10))
+            )
+            # The fakes signal nothing on arrival; poll their call log (bounded by the timeout).
+            async with asyncio.timeout(10):
+                while box.counts()[1] < 2:  # noqa: ASYNC110  # the request reached IAM: in flight
+                    await asyncio.sleep(0.02)
+            deadline = box.runtime.deliver_shutdown(deadline_seconds=2.0)
+            async with await request as response:
+                body = await response.json()
+            assert response.status == 200, body
+            assert body["access_token"] in box.google.iam.issued_access
+        status, output = await exit_status(proc)
+        assert status == 0, output
+        assert time.time() < deadline + 0.5
+        assert box.runtime.calls == ["register", "next"]
+        assert box.runtime.violations == []
