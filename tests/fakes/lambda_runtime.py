@@ -112,6 +112,10 @@ class FakeLambdaRuntime(LoopbackServices):
         )
         return deadline
 
+    def deliver_failure(self) -> None:
+        """Answer the pending poll as Lambda does when the sandbox is broken (HTTP 500)."""
+        self._queue.put_nowait({"eventType": "FAIL"})
+
     async def wait_for_poll(self, count: int, limit_seconds: float = 30.0) -> Poll:
         """Wait until the extension has called event/next ``count`` times in all."""
         async with asyncio.timeout(limit_seconds), self._poll_arrived:
@@ -177,6 +181,9 @@ class FakeLambdaRuntime(LoopbackServices):
         if event is None:
             closed = {"errorMessage": "runtime closed", "errorType": "Fake.Closed"}
             return web.json_response(closed, status=500)
+        if event["eventType"] == "FAIL":
+            failed = {"errorMessage": "State transition failed", "errorType": "Runtime.ContainerError"}
+            return web.json_response(failed, status=500)
         if event["eventType"] == "SHUTDOWN":
             self._state.finished = "SHUTDOWN"
         return web.json_response(event, headers={"Lambda-Extension-Event-Identifier": str(uuid.uuid4())})

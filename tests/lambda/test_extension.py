@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from broker import cli, lambda_ext
 from tests.clients._subproc import run
 from tests.conftest import require_tool
 
@@ -111,3 +113,27 @@ async def test_shutdown_lets_an_in_flight_request_finish() -> None:
         assert time.time() < deadline + 0.5
         assert box.runtime.calls == ["register", "next"]
         assert box.runtime.violations == []
+
+
+async def test_a_runtime_api_failure_after_init_is_reported_with_exit_error() -> None:
+    async with sandbox() as box, extension(box) as proc:
+        await box.runtime.wait_for_poll(1)
+        box.runtime.deliver_failure()
+        status, output = await exit_status(proc)
+        assert status == 1, output
+        assert box.runtime.calls == ["register", "next", "exit/error"]
+        report = box.runtime.errors[0]
+        assert report.error_type == "Extension.RuntimeApiError"
+        assert "HTTP 500" in report.body["errorMessage"]
+        assert box.runtime.violations == []
+
+
+def test_outside_lambda_it_says_so_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["lambda-extension"]) == 2
+    assert "AWS_LAMBDA_RUNTIME_API is not set" in capsys.readouterr().err
+
+
+def test_admin_listener_defaults_to_loopback_in_a_sandbox() -> None:
+    assert lambda_ext._lambda_defaults({}, {})["admin_listen"] == "127.0.0.1:8989"
+    explicit = {"WIF_BROKER_ADMIN_LISTEN": "0.0.0.0:9000"}
+    assert "admin_listen" not in lambda_ext._lambda_defaults({}, explicit)
