@@ -110,10 +110,10 @@ async def _serve(api: ExtensionsApi, resolved: settings.Settings, clock: Clock) 
         return await _event_loop(api, chain, server, stop, clock)
     finally:
         stop.set()
-        if not server.done():
-            server.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await server
+        if not server.cancelling():  # a SHUTDOWN past its deadline has cancelled it already
+            await asyncio.wait({server}, timeout=daemon.DRAIN_SECONDS)
+        server.cancel()  # a no-op once it has drained
+        await asyncio.gather(server, return_exceptions=True)  # its failure was reported above
 
 
 async def _event_loop(
@@ -151,13 +151,13 @@ async def _shutdown(event: Event, server: asyncio.Task[None], stop: asyncio.Even
     log.info("shutdown", extra={"event": "lambda_shutdown", "reason": event.shutdown_reason})
     stop.set()
     budget = max(event.deadline_ms / 1000 - clock.wall() - SHUTDOWN_MARGIN_SECONDS, 0.0)
-    try:
-        async with asyncio.timeout(budget):
-            await asyncio.shield(server)
-    except TimeoutError:
+    done, _ = await asyncio.wait({server}, timeout=budget)
+    if not done:
+        # Lambda kills the sandbox at the deadline anyway; leaving first is the clean exit.
         log.warning("drain cut short by the shutdown deadline", extra={"event": "lambda_shutdown"})
-    except Exception as exc:  # the daemon failed while draining: still a clean shutdown for Lambda
-        log.warning("drain failed", extra={"event": "lambda_shutdown", "error": type(exc).__name__})
+        server.cancel()
+    elif not server.cancelled() and server.exception() is not None:
+        log.warning("drain failed", extra={"event": "lambda_shutdown", "error": repr(server.exception())})
     return 0
 
 

@@ -137,3 +137,27 @@ def test_admin_listener_defaults_to_loopback_in_a_sandbox() -> None:
     assert lambda_ext._lambda_defaults({}, {})["admin_listen"] == "127.0.0.1:8989"
     explicit = {"WIF_BROKER_ADMIN_LISTEN": "0.0.0.0:9000"}
     assert "admin_listen" not in lambda_ext._lambda_defaults({}, explicit)
+
+
+async def test_shutdown_exits_0_by_the_deadline_even_if_a_request_is_stuck() -> None:
+    async with sandbox() as box, extension(box) as proc:
+        await box.runtime.wait_for_poll(1)
+        gate = box.google.iam.gate = asyncio.Event()  # this mint does not finish before the deadline
+        url = f"http://{box.metadata_host}{TOKEN_PATH}?scopes=https://www.googleapis.com/auth/bigquery"
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(
+                session.get(url, headers={"Metadata-Flavor": "Google"}, timeout=aiohttp.ClientTimeout(10))
+            )
+            async with asyncio.timeout(10):
+                while box.counts()[1] < 2:  # noqa: ASYNC110  # the request reached IAM: in flight
+                    await asyncio.sleep(0.02)
+            deadline = box.runtime.deliver_shutdown(deadline_seconds=1.0)
+            status, output = await exit_status(proc)
+            exited_at = time.time()
+            assert status == 0, output
+            assert exited_at < deadline + 0.3, f"exited {exited_at - deadline:.2f}s after the deadline"
+            assert "drain cut short by the shutdown deadline" in output
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+            gate.set()  # let the fake IAM's handler end, so the fake stops at once
+        assert box.runtime.violations == []

@@ -15,7 +15,9 @@ import os
 import signal
 import time
 
-from ._sandbox import exit_status, extension, sandbox
+import aiohttp
+
+from ._sandbox import TOKEN_PATH, exit_status, extension, sandbox
 
 LIFETIME = 20
 MIN_SERVE_TTL = 4
@@ -48,6 +50,36 @@ async def test_invoke_after_a_thaw_refreshes_before_the_next_event() -> None:
         assert served["seconds_left"] >= MIN_SERVE_TTL, served["seconds_left"]
         assert box.counts() == (2, 2), "the function's request and the refresh did not share one mint"
 
+        box.runtime.deliver_shutdown()
+        status, output = await exit_status(proc)
+        assert status == 0, output
+        assert box.runtime.violations == []
+
+
+async def test_a_request_right_after_a_thaw_never_gets_a_short_lived_token() -> None:
+    """The function may ask before the extension has even read the INVOKE: every cache
+    hit is judged by the wall clock, so the stale token is not served; the request
+    waits for a fresh one instead."""
+    async with (
+        sandbox(lifetime_seconds=LIFETIME, refresh_before="8", min_serve_ttl=str(MIN_SERVE_TTL)) as box,
+        extension(box) as proc,
+    ):
+        first = await box.runtime.wait_for_poll(1)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        minted_token = next(iter(box.google.iam.issued_access))
+        await asyncio.sleep(max(first.at + LIFETIME - MIN_SERVE_TTL + 1 - time.time(), 0))
+        os.killpg(proc.pid, signal.SIGCONT)
+        url = f"http://{box.metadata_host}{TOKEN_PATH}"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                url, headers={"Metadata-Flavor": "Google"}, timeout=aiohttp.ClientTimeout(10)
+            ) as response,
+        ):
+            body = await response.json()
+        assert response.status == 200, body
+        assert body["access_token"] != minted_token
+        assert body["expires_in"] >= MIN_SERVE_TTL, body["expires_in"]
         box.runtime.deliver_shutdown()
         status, output = await exit_status(proc)
         assert status == 0, output
