@@ -9,6 +9,7 @@ the function is a real google-auth (and gcloud) process with the metadata env.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import aiohttp
 import pytest
 
 from broker import cli, lambda_ext
+from tests.clients._storage import BUCKET, CONTENT, OBJECT, fake_gcs
 from tests.clients._subproc import run
+from tests.clients._toolchains import require_module
 from tests.conftest import require_tool
 
 from ._sandbox import TOKEN_PATH, exit_status, extension, sandbox
@@ -161,3 +164,42 @@ async def test_shutdown_exits_0_by_the_deadline_even_if_a_request_is_stuck() -> 
             await asyncio.gather(request, return_exceptions=True)
             gate.set()  # let the fake IAM's handler end, so the fake stops at once
         assert box.runtime.violations == []
+
+
+STORAGE_FUNCTION = """
+import json, sys
+from google.cloud import storage
+
+endpoint, bucket, name = sys.argv[1:4]
+client = storage.Client(client_options={"api_endpoint": endpoint})
+data = client.bucket(bucket).blob(name).download_as_bytes()
+print(json.dumps({"project": client.project, "data": data.decode(), "token": client._credentials.token}))
+"""
+
+
+async def test_seed_004_function_reads_cloud_storage_with_its_execution_role() -> None:
+    """Seed 004's function (Lambda → Cloud Storage), with no credential file in its package."""
+    require_module("google.cloud.storage")
+    async with sandbox() as box, fake_gcs(box.google) as gcs, extension(box) as proc:
+        await box.runtime.wait_for_poll(1)
+        box.runtime.deliver_invoke()
+        env = box.function_env()
+        assert "GOOGLE_APPLICATION_CREDENTIALS" not in env
+        result = await run(sys.executable, "-c", STORAGE_FUNCTION, gcs.url, BUCKET, OBJECT, env=env)
+        out = result.json()
+        assert out["data"] == CONTENT.decode(), result.describe()
+        assert out["project"] == "wif-broker-demo"
+        assert set(gcs.bearers) == {out["token"]}
+        assert [t.subject for t in box.google.sts.issued.values()] == [box.role_session_arn]
+        await box.runtime.wait_for_poll(2)
+        # google-cloud-storage names its own scopes (devstorage.*): that scope set costs one
+        # generateAccessToken on first use, on the federated token minted during init.
+        assert box.counts() == (1, 2)
+        box.runtime.deliver_invoke()  # a warm invoke: everything from cache
+        again = (await run(sys.executable, "-c", STORAGE_FUNCTION, gcs.url, BUCKET, OBJECT, env=env)).json()
+        await box.runtime.wait_for_poll(3)
+        assert again["token"] == out["token"]
+        assert box.counts() == (1, 2)
+        box.runtime.deliver_shutdown()
+        status, output = await exit_status(proc)
+        assert status == 0, output
