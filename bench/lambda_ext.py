@@ -133,6 +133,10 @@ async def one_run(google: FakeGoogle, cred_file: Path) -> Run:
         AWS_SECRET_ACCESS_KEY="bench/secret/key/bench/secret/key/bench00",
         AWS_SESSION_TOKEN="IQoJb3JpZ2luX2VjEFakeBenchSessionToken",
         AWS_REGION="us-east-2",
+        # The daemon's one-off GetCallerIdentity (its identity log line) must stay on
+        # loopback: a closed port, so it fails at once and the bench never reaches AWS.
+        AWS_ENDPOINT_URL_STS="http://127.0.0.1:9",
+        AWS_EC2_METADATA_DISABLED="true",
         AWS_CONFIG_FILE="/nonexistent",
         AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
     )

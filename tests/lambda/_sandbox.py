@@ -99,6 +99,9 @@ async def sandbox(
                 AWS_SECRET_ACCESS_KEY=creds.secret_access_key,
                 AWS_SESSION_TOKEN=creds.session_token,
                 AWS_REGION="us-east-2",
+                # The daemon logs who it is (STS GetCallerIdentity): to the fake, never to AWS.
+                AWS_ENDPOINT_URL_STS=aws.sts_url,
+                AWS_EC2_METADATA_DISABLED="true",  # belt and braces: botocore never tries IMDS
                 AWS_LAMBDA_FUNCTION_NAME=FUNCTION_NAME,
                 WIF_BROKER_AUDIENCE=google.audience,
                 WIF_BROKER_SERVICE_ACCOUNT=service_account,

@@ -61,6 +61,9 @@ async def test_first_invoke_is_served_from_cache(tmp_path: Path) -> None:
         assert box.runtime.violations == []
         assert box.runtime.errors == []
         assert function["token"] not in output
+        # The identity line names the principal Google sees and the member to bind.
+        assert f"principal={box.role_session_arn}" in output
+        assert "attribute.aws_role/" + box.role_session_arn.rpartition("/")[0] in output
 
 
 async def test_configuration_error_is_reported_after_registering() -> None:
