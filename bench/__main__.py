@@ -13,6 +13,10 @@ reports image and venv sizes (``bench/image.py``; writes docs/image.md).
 against nginx serving the same JSON from a file (``bench/nginx.py``; writes
 docs/performance-nginx.md).
 
+``python -m bench lambda [...]`` measures the AWS Lambda extension: init time, the
+function's first token cached vs. exchanged by itself, RSS (``bench/lambda_ext.py``;
+writes docs/lambda.md).
+
 Exit status: 0 when every measurement ran (a missed target is reported, not an
 error, unless ``--strict``); 1 when a herd check failed or a measurement was
 invalid (errors, a server died); 2 when wrk is missing or the arguments are bad.
@@ -172,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import image
 
         return image.main(given[1:])
+    if given[:1] == ["lambda"]:
+        from bench import lambda_ext
+
+        return lambda_ext.main(given[1:])
     if given[:1] == ["nginx"]:
         from bench import nginx
 

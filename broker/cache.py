@@ -255,6 +255,28 @@ class TokenCache(Generic[K]):
             metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.OK.value).inc()
             log.info("token refreshed", extra={"event": "refresh", "kind": self._kind.value, "outcome": "ok"})
 
+    async def refresh_due(self) -> int:
+        """Refresh now every wanted token that is inside its refresh window; return how many.
+
+        For hosts that freeze the process between requests (AWS Lambda, SPEC §10):
+        the background timers above only run while the process does, so after a
+        thaw the host calls this before its clients ask. A key still backing off
+        after a failure waits for its retry time, as the refresh loop would.
+        """
+        now = self._clock.wall()
+        due = [
+            key
+            for key, entry in self._entries.items()
+            if entry.token is not None
+            and now >= entry.refresh_at
+            and (entry.used or self._keep_warm(key))
+            and not (entry.failures and now < entry.retry_at)
+        ]
+        for key in due:
+            self._entries[key].used = False  # as the refresh loop does: idle keys lapse
+        await asyncio.gather(*(self._refresh_once(key) for key in due))
+        return len(due)
+
     # -- bookkeeping -------------------------------------------------------------
 
     def _count(self, result: metrics.CacheResult) -> None:

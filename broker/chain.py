@@ -8,6 +8,7 @@ and the caller's scopes go to generateAccessToken only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,15 @@ class TokenChain:
             await self.access_token(self.settings.scopes)
         except BrokerError as exc:
             log.error("pre-warm failed", extra={"event": "prewarm", "error": exc.describe()})
+
+    async def refresh_due(self) -> int:
+        """Refresh every cached token inside its refresh window now (see TokenCache.refresh_due).
+
+        The federated token goes first: the access and ID loaders build on it.
+        """
+        federated = await self._federated.refresh_due()
+        access, ids = await asyncio.gather(self._access.refresh_due(), self._id.refresh_due())
+        return federated + access + ids
 
     def readiness(self) -> tuple[bool, str]:
         if self._access.servable(self.settings.scopes):

@@ -13,7 +13,7 @@ from typing import NoReturn
 from broker import __version__, daemon, envbundle, logs, settings
 from broker.errors import ConfigError
 
-COMMANDS = ("run", "demo", "check", "env", "webhook")
+COMMANDS = ("run", "demo", "check", "env", "webhook", "lambda-extension")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +44,7 @@ def build_parser(*, webhook: bool = False) -> argparse.ArgumentParser:
         ("demo", "run the daemon against built-in fake upstreams, offline"),
         ("check", "run the token chain once, step by step, and explain failures"),
         ("env", "print the environment app containers need"),
+        ("lambda-extension", "run as an AWS Lambda external extension (SPEC §10)"),
     ):
         command = sub.add_parser(name, help=text)
         _add_settings(command)
@@ -80,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(flags))
         if args.command == "webhook":
             return _webhook(flags)
+        if args.command == "lambda-extension":
+            # Lazy: nothing else needs the Extensions API client. Settings are built
+            # inside, after registering, so a bad one is reported through init/error.
+            from broker.lambda_ext import extension_name, run_extension
+
+            return asyncio.run(run_extension(flags, os.environ, name=extension_name(sys.argv[0])))
         if args.command == "env":
             # Only the listen address matters here; no credentials needed.
             listen = settings.collect(flags, os.environ)["listen"][0]

@@ -53,8 +53,13 @@ async def serve(
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     on_listening: Callable[[list[str], list[str]], Awaitable[None]] | None = None,
+    on_chain: Callable[[TokenChain], None] | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return.
+
+    ``on_chain`` receives the token chain once both listeners are up, for a host that
+    drives refreshes itself (the Lambda extension refreshes on each INVOKE).
+    """
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # adding it twice is a no-op
@@ -98,6 +103,8 @@ async def serve(
         )
         if on_listening is not None:
             await on_listening(addresses, admin_addresses)
+        if on_chain is not None:
+            on_chain(chain)
         warm = asyncio.create_task(_warm_and_describe(chain, source))
         await stop.wait()
         log.info("draining", extra={"event": "stop"})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -38,6 +39,8 @@ from tests.webhook import _pods
 from tests.webhook._fakeapi import FakeApiServer
 from tests.webhook._process import WebhookProcess
 
+# ``lambda`` is a keyword: its package is imported by name.
+_sandbox = importlib.import_module("tests.lambda._sandbox")
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
 # The demo's fakes; every other fake is test-only and lives in tests/fakes.
@@ -281,6 +284,7 @@ async def test_every_command_runs_from_the_wheel(installed: Installed, tmp_path:
                 assert (await _token(address))["access_token"] in google.iam.issued_access
 
     await asyncio.to_thread(_webhook_admits_a_pod, installed, tmp_path / "webhook")
+    await _lambda_extension_serves_an_invoke(installed)
 
     # Every sub-command the CLI offers was run above.
     help_text = await _run(installed, "--help")
@@ -328,6 +332,24 @@ def _webhook_admits_a_pod(installed: Installed, tmp: Path) -> None:
         assert rc == 0, process.log()
     finally:
         api.stop()
+
+
+async def _lambda_extension_serves_an_invoke(installed: Installed) -> None:
+    """``lambda-extension`` from the wheel in a loopback Lambda sandbox: init, one invoke, shutdown."""
+    installed.ran.add("lambda-extension")
+    async with _sandbox.sandbox() as box:
+        box.env.update(
+            {k: v for k, v in installed.env().items() if k in ("PATH", "PYTHONPATH", "WIF_TRACE_OUT")}
+        )
+        async with _sandbox.extension(box, argv=(str(installed.program), "lambda-extension")) as proc:
+            await box.runtime.wait_for_poll(1)
+            box.runtime.deliver_invoke()
+            assert (await _token(box.metadata_host))["access_token"] in box.google.iam.issued_access
+            await box.runtime.wait_for_poll(2)
+            box.runtime.deliver_shutdown(deadline_seconds=2.0)
+            status, output = await _sandbox.exit_status(proc)
+        assert status == 0, output
+        assert box.runtime.errors == []
 
 
 def _covers(modules: set[str], name: str) -> bool:
