@@ -37,6 +37,12 @@ FORBIDDEN = [
     ("sts.py", ("broker.chain", "broker.metadata", "broker.cache", "broker.daemon")),
     ("iam.py", ("broker.chain", "broker.metadata", "broker.cache", "broker.daemon")),
     ("sources/*.py", ("broker.chain", "broker.metadata", "broker.cache", "broker.daemon", "broker.sts")),
+    # The Extensions API client is a protocol client only; the extension drives the daemon,
+    # never the layers under it.
+    ("lambda_api.py", ("broker.chain", "broker.cache", "broker.metadata", "broker.daemon", "broker.sources")),
+    ("lambda_ext.py", ("broker.metadata", "broker.sources", "broker.sts", "broker.iam", "broker.webhook")),
+    # The webhook decides and patches; it never runs the token chain.
+    ("webhook/*.py", ("broker.chain", "broker.cache", "broker.sources", "broker.sts", "broker.iam")),
     # Leaves.
     ("metrics.py", ("broker.chain", "broker.cache", "broker.metadata", "broker.settings")),
     ("logs.py", ("broker.chain", "broker.cache", "broker.metadata", "broker.settings", "broker.metrics")),
