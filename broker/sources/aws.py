@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
 
@@ -97,16 +96,8 @@ class AwsTokenSource:
         }
 
     async def _credentials(self) -> FrozenCredentials:
-        started = time.perf_counter()
-        outcome = metrics.Outcome.OK
-        try:
-            creds = await asyncio.to_thread(self._chain.frozen)
-        except BrokerError:
-            outcome = metrics.Outcome.TRANSIENT
-            raise
-        finally:
-            metrics.UPSTREAM_CALLS.labels(upstream="aws", outcome=outcome.value).inc()
-            metrics.UPSTREAM_SECONDS.labels(upstream="aws").observe(time.perf_counter() - started)
+        # Timed and counted once, as the subject-token step (broker/steps.py), upstream="aws".
+        creds = await asyncio.to_thread(self._chain.frozen)
         if creds.method != self.last_method:
             self.last_method = creds.method
             metrics.AWS_PROVIDER.clear()

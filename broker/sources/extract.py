@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker import httpclient
 from broker.credconfig import TokenFormat
+from broker.diagnosis import iso
 from broker.errors import Step, Transient
 from broker.tokens import unverified_claims
 
@@ -17,7 +18,7 @@ def describe_jwt(token: str) -> dict[str, str]:
     described = {key: str(claims.get(key, "")) for key in ("iss", "sub", "aud")}
     exp = claims.get("exp")
     if isinstance(exp, int | float):
-        described["exp"] = str(int(exp))
+        described["exp"] = iso(exp)
     return described
 
 
