@@ -26,6 +26,7 @@ _PROVIDER = re.compile(
     r"/workloadIdentityPools/(?P<pool>[^/]+)/providers/(?P<provider>[^/]+)$"
 )
 _BRACKETED = re.compile(r"\[([^\]]*)\]")
+_UNREACHABLE = re.compile(r"^(?:cannot reach|timed out talking to) (\S+?):?(?: |$)")
 WORKLOAD_IDENTITY_USER = "roles/iam.workloadIdentityUser"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
 
@@ -116,7 +117,8 @@ def _fix(exc: BrokerError, ctx: Context) -> str:
 
 
 def _unreachable(exc: BrokerError, ctx: Context) -> str:
-    host = exc.reason.split(" ")[2].rstrip(":")
+    match = _UNREACHABLE.match(exc.reason)
+    host = match.group(1) if match else "the upstream"
     name = host.rsplit(":", 1)[0].strip("[]")
     if exc.step is Step.SUBJECT_TOKEN and ctx.source_url:
         return (
@@ -129,7 +131,8 @@ def _unreachable(exc: BrokerError, ctx: Context) -> str:
         return ""
     return (
         f"{host} is unreachable from this host: {exc.reason.split(': ', 1)[-1]}\n"
-        f"DNS: getent hosts {name}\n"
+        "DNS: does the name resolve here?\n"
+        f"getent hosts {name}\n"
         f"firewall or egress policy: allow TCP to {host if ':' in host else host + ':443'}\n"
         "proxy: wif-broker connects directly and ignores HTTP(S)_PROXY; if only a proxy can reach "
         "Google, allow direct egress to this host (or a Private Service Connect endpoint in token_url)"
@@ -145,19 +148,20 @@ def _sts(exc: BrokerError, ctx: Context) -> str:
     if exc.code == "invalid_target":
         return (
             f"provider {provider} is disabled or deleted, or it or its pool does not exist\n"
-            f"see which: gcloud iam workload-identity-pools providers describe {provider} "
+            "see which (state DELETED, or disabled True), the provider and the pool:\n"
+            f"gcloud iam workload-identity-pools providers describe {provider} "
             "--format='value(state,disabled)'\n"
-            f"and the pool: gcloud iam workload-identity-pools describe {ctx.pool} "
-            "--format='value(state,disabled)'\n"
-            f"disabled provider: {command} --no-disabled\n"
-            f"disabled pool: gcloud iam workload-identity-pools update {ctx.pool} --no-disabled\n"
-            f"deleted (within 30 days): gcloud iam workload-identity-pools providers undelete {provider}"
+            f"gcloud iam workload-identity-pools describe {ctx.pool} --format='value(state,disabled)'\n"
+            "then enable the provider, the pool, or undelete the provider (within 30 days of deletion):\n"
+            f"{command} --no-disabled\n"
+            f"gcloud iam workload-identity-pools update {ctx.pool} --no-disabled\n"
+            f"gcloud iam workload-identity-pools providers undelete {provider}"
         )
     if exc.code != "invalid_grant":
         if exc.code in ("invalid_request", "unauthorized_client"):
             return (
                 f"STS refused the request's audience or subject_token_type for provider {provider}\n"
-                "compare the credential file with: "
+                "compare the credential file with:\n"
                 f"gcloud iam workload-identity-pools providers describe {provider}"
             )
         return ""
@@ -172,13 +176,15 @@ def _sts(exc: BrokerError, ctx: Context) -> str:
             f"the subject token's aud {aud!r} is not an allowed audience of provider {provider} "
             f"(with none configured it accepts {ctx.audience!r} and 'https:{ctx.audience}')\n"
             f"either mint the token for {ctx.audience} (a projected token's audience:), "
-            f"or allow its aud (this replaces the list): {command} --allowed-audiences={aud}"
+            "or allow its aud (this replaces the list):\n"
+            f"{command} --allowed-audiences={aud}"
         )
     if "issuer" in reason:
         iss = _bracketed(exc.reason) or subject.iss or "ISSUER"
         return (
             f"the subject token's iss {iss!r} is not the issuer URI of provider {provider}\n"
-            f"if {iss} is the issuer you trust: {command} --issuer-uri={iss}"
+            f"if {iss} is the issuer you trust:\n"
+            f"{command} --issuer-uri={iss}"
         )
     if "attribute condition" in reason:
         seen = " ".join(f"{k}={v}" for k, v in (("iss", subject.iss), ("sub", subject.sub)) if v)
@@ -186,17 +192,19 @@ def _sts(exc: BrokerError, ctx: Context) -> str:
             f"the attribute condition of provider {provider} refused this identity"
             + (f" ({seen})" if seen else "")
             + "\n"
-            f"see the condition: gcloud iam workload-identity-pools providers describe {provider} "
+            "see the condition:\n"
+            f"gcloud iam workload-identity-pools providers describe {provider} "
             "--format='value(attributeCondition)'\n"
-            f"make it accept this identity: {command} --attribute-condition=CONDITION"
+            "change it so that it accepts this identity:\n"
+            f"{command} --attribute-condition=CONDITION"
         )
     now = f"; now is {iso(ctx.now)}" if ctx.now else ""
     if "in the future" in reason or (subject.iat is not None and ctx.now and subject.iat > ctx.now + 300):
         issued = iso(subject.iat) if subject.iat is not None else "a time after now"
         return (
             f"the subject token is not yet valid: issued at {issued}{now}\n"
-            "a clock is wrong (this host's or the token issuer's): check with timedatectl status "
-            "and chronyc tracking, and sync it"
+            "a clock is wrong (this host's or the token issuer's); see this host's and sync it:\n"
+            "timedatectl status"
         )
     if "stale" in reason or "expired" in reason or (subject.exp is not None and subject.exp <= ctx.now):
         expired = f"expired at {iso(subject.exp)}" if subject.exp is not None else "has expired"

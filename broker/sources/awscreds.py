@@ -33,7 +33,7 @@ from broker.errors import Step, Transient
 _REGION_PREFIX = re.compile(r"^([a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d+)")
 TRIED = "env, web identity (EKS IRSA), container (ECS task role / EKS Pod Identity), EC2 instance metadata"
 HOP_LIMIT_FIX = (
-    "if this runs in a container on EC2, IMDSv2 needs a hop limit of 2: "
+    "if this runs in a container on EC2, IMDSv2 needs a hop limit of 2:\n"
     "aws ec2 modify-instance-metadata-options --instance-id ID --http-put-response-hop-limit 2"
 )
 STS_CLIENT_CONFIG = botocore.config.Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2})
