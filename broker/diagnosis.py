@@ -15,6 +15,7 @@ A fix is lines joined by newlines: facts first, then one command per line.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,10 +130,10 @@ def _unreachable(exc: BrokerError, ctx: Context) -> str:
         )
     if exc.step not in (Step.STS, Step.IAM_ACCESS, Step.IAM_ID):
         return ""
+    dns = "" if _is_ip(name) else f"DNS: does the name resolve here?\ngetent hosts {name}\n"
     return (
         f"{host} is unreachable from this host: {exc.reason.split(': ', 1)[-1]}\n"
-        "DNS: does the name resolve here?\n"
-        f"getent hosts {name}\n"
+        f"{dns}"
         f"firewall or egress policy: allow TCP to {host if ':' in host else host + ':443'}\n"
         "proxy: wif-broker connects directly and ignores HTTP(S)_PROXY; if only a proxy can reach "
         "Google, allow direct egress to this host (or a Private Service Connect endpoint in token_url)"
@@ -267,6 +268,14 @@ def metadata_header(value: str) -> str:
         "answers 400 bad_request_102 to any other value, so other users of this file fail\n"
         'fix the file: "headers": {"Metadata": "true"}'
     )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _bracketed(text: str) -> str:

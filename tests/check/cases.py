@@ -110,6 +110,18 @@ CASES: tuple[Case, ...] = (
         "--member='{MEMBER}'",
     ),
     Case(
+        "aws_binding",
+        "4",
+        "missing binding for an AWS role",
+        "403 `iam_generate_access_token failed (HTTP 403): PERMISSION_DENIED: Permission "
+        "'iam.serviceAccounts.getAccessToken' denied on resource (or it may not exist). ...`",
+        1,
+        "FAIL  generateAccessToken: PERMISSION_DENIED: Permission 'iam.serviceAccounts.getAccessToken' "
+        "denied on resource (or it may not exist). [IAM_PERMISSION_DENIED] (HTTP 403)",
+        "gcloud iam service-accounts add-iam-policy-binding {SA} --role=roles/iam.workloadIdentityUser "
+        "--member='{AWS_ROLE_MEMBER}'",
+    ),
+    Case(
         "project_id",
         "5",
         "project id where the number belongs",

@@ -32,10 +32,10 @@ from broker.fakes import FakeGoogle
 from broker.fakes._service import serve_loopback
 from tests.aws._harness import credential_info as aws_credential_info
 from tests.aws.test_failures import HopLimitedImds
-from tests.check.cases import CASES, DOC, MEMBER, STATIC, Case, fill, render_doc
+from tests.check.cases import CASES, DOC, MEMBER, POOL, STATIC, Case, fill, render_doc
 from tests.clients._subproc import Completed, run
 from tests.conftest import run_broker
-from tests.fakes.aws import ISOLATED_ENV, FakeAws
+from tests.fakes.aws import ISOLATED_ENV, FakeAws, accept_aws
 
 BROKER = Path(__file__).resolve().parents[2] / "broker"
 TOKEN = "/computeMetadata/v1/instance/service-accounts/default/token"
@@ -135,6 +135,17 @@ async def scenario(key: str, google: FakeGoogle, tmp_path: Path) -> AsyncIterato
         nowhere = f"http://127.0.0.1:{closed_port()}/"
         env = {**ISOLATED_ENV, "AWS_REGION": "us-east-2", "AWS_EC2_METADATA_SERVICE_ENDPOINT": nowhere}
         yield Scenario(aws_credential_info(google, nowhere), env=env, values=values)
+        return
+    elif key == "aws_binding":
+        async with FakeAws() as aws:
+            accept_aws(google.sts, aws.account)
+            google.iam.service_accounts.clear()
+            env = {**aws.imds_env(), "AWS_REGION": "us-east-2", "AWS_ENDPOINT_URL_STS": aws.sts_url}
+            values["AWS_ROLE_MEMBER"] = (
+                f"principalSet://iam.googleapis.com/{POOL}/attribute.aws_role/"
+                "arn:aws:sts::123456789012:assumed-role/wif-broker-role"
+            )
+            yield Scenario(aws_credential_info(google, aws.imds_url), env=env, values=values)
         return
     elif key == "hop_limit":
         aws = FakeAws()
