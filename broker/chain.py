@@ -15,6 +15,7 @@ import aiohttp
 from broker import metrics
 from broker.cache import Policy, TokenCache
 from broker.clock import Clock
+from broker.diagnosis import NO_SERVICE_ACCOUNT_FIX
 from broker.errors import BrokerError, NotFound, Step
 from broker.settings import Settings
 from broker.sources import SubjectTokenSource
@@ -34,8 +35,6 @@ class TokenChain:
         clock: Clock,
     ) -> None:
         self.settings = settings
-        self._source = source
-        self._session = session
         self._clock = clock
         self.steps = ChainSteps(settings, source, session, clock)
         policy = Policy(refresh_before=settings.refresh_before, min_serve_ttl=settings.min_serve_ttl)
@@ -67,7 +66,7 @@ class TokenChain:
             raise NotFound(
                 Step.IAM_ID,
                 "ID tokens need a service account to impersonate; this broker uses direct federated access",
-                fix="set service-account (or service_account_impersonation_url in the credential file)",
+                fix=NO_SERVICE_ACCOUNT_FIX,
             )
         return await self._id.get(key)
 

@@ -29,6 +29,24 @@ _PROVIDER = re.compile(
 _BRACKETED = re.compile(r"\[([^\]]*)\]")
 _UNREACHABLE = re.compile(r"^(?:cannot reach|timed out talking to) (\S+?):?(?: |$)")
 WORKLOAD_IDENTITY_USER = "roles/iam.workloadIdentityUser"
+
+# Fixes the sources attach where they classify a native-identity failure (they
+# hold the facts); written here with the rest. Azure's, which need the
+# identity's own ids, are still in sources/azure_errors.py.
+HOP_LIMIT_FIX = (
+    "if this runs in a container on EC2, IMDSv2 needs a hop limit of 2:\n"
+    "aws ec2 modify-instance-metadata-options --instance-id ID --http-put-response-hop-limit 2"
+)
+NO_ROLE_FIX = "run with an IAM role (task role, IRSA, Pod Identity or instance profile)"
+IRSA_FIX = (
+    "check the role's trust policy (the cluster's OIDC provider, sub and aud sts.amazonaws.com) "
+    "and that the web identity token file is the projected token EKS mounts"
+)
+AWS_CLOCK_FIX = "check the clock (timedatectl) and the credential provider's health"
+AWS_REGION_FIX = "set AWS_REGION (ECS and EKS usually inject it) or region_url in the credential file"
+TOKEN_FILE_FIX = "mount the projected service-account token at that path (not with subPath)"
+TOKEN_FIELD_FIX = "check credential_source.format.subject_token_field_name"
+NO_SERVICE_ACCOUNT_FIX = "set service-account (or service_account_impersonation_url in the credential file)"
 TOKEN_CREATOR = "roles/iam.serviceAccountTokenCreator"
 
 

@@ -22,6 +22,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from broker import httpclient, metrics
 from broker.credconfig import AwsSource
+from broker.diagnosis import AWS_REGION_FIX
 from broker.errors import BrokerError, Step, Transient
 from broker.sources.awscreds import (
     CredentialChain,
@@ -118,7 +119,7 @@ class AwsTokenSource:
             raise Transient(
                 Step.AWS,
                 "cannot determine the AWS region",
-                fix="set AWS_REGION (ECS and EKS usually inject it) or region_url in the credential file",
+                fix=AWS_REGION_FIX,
             )
         self._region = region
         return region
