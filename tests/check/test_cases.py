@@ -248,6 +248,10 @@ async def test_check_names_the_step_and_the_fix(
             assert sum(text.startswith("FAIL  ") for text in lines) == 1, result.describe()
     for part in expected_symptom(case, values):
         assert part in seen, (part, seen)
+    if seen[:3] in ("403", "503") and case.key != "aws_binding":
+        # One diagnosis: the metadata server's body carries the fix check printed. (An AWS
+        # role is known to run only after its start-up describe, so that body may say less.)
+        assert fix in seen, (fix, seen)
     output = result.stdout + result.stderr + seen
     assert "/*" not in output
     issued = [*google.sts.issued, *google.iam.issued_access, *google.iam.issued_id]
