@@ -216,6 +216,15 @@ CASES: tuple[Case, ...] = (
         "{HOST} is unreachable from this host: ClientConnectorError (",
     ),
     Case(
+        "iam_unreachable",
+        "12",
+        "IAM Credentials unreachable (DNS, proxy, firewall)",
+        "503 `iam_generate_access_token failed: cannot reach {HOST}: ClientConnectorError (...)`",
+        1,
+        "FAIL  generateAccessToken: cannot reach {HOST}: ClientConnectorError (",
+        "{HOST} is unreachable from this host: ClientConnectorError (",
+    ),
+    Case(
         "imds_unreachable",
         "12",
         "token URL (IMDS) of a url source unreachable",

@@ -116,6 +116,12 @@ async def scenario(key: str, google: FakeGoogle, tmp_path: Path) -> AsyncIterato
         port = closed_port()
         cred["token_url"] = f"http://127.0.0.1:{port}/v1/token"
         values["HOST"] = f"127.0.0.1:{port}"
+    elif key == "iam_unreachable":
+        port = closed_port()
+        cred["service_account_impersonation_url"] = (
+            f"http://127.0.0.1:{port}/v1/projects/-/serviceAccounts/{STATIC['SA']}:generateAccessToken"
+        )
+        values["HOST"] = f"127.0.0.1:{port}"
     elif key == "imds_unreachable":
         port = closed_port()
         cred["credential_source"] = url_source(f"http://127.0.0.1:{port}", {"Metadata": "true"})
@@ -283,11 +289,19 @@ async def test_a_healthy_configuration_passes_every_step_and_prints_no_token(
 
 def test_no_whole_pool_member_anywhere_in_the_product() -> None:
     """A ``principalSet://…/*`` member grants every identity in the pool: never suggest one."""
+    root = BROKER.parent
+    shipped = [
+        *BROKER.rglob("*.py"),
+        root / "README.md",
+        *(root / "docs").glob("*.md"),
+        *(root / "k8s").rglob("*"),
+    ]
     offenders = [
-        f"{path.relative_to(BROKER.parent)}:{number}"
-        for path in BROKER.rglob("*.py")
-        for number, text in enumerate(path.read_text().splitlines(), 1)
-        if re.search(r"principalSet://[^\s'\"]*/\*|/\*['\"]", text)
+        f"{path.relative_to(root)}:{number}"
+        for path in shipped
+        if path.is_file()
+        for number, text in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if re.search(r"principalSet://[^\s'\"]*/\*|workloadIdentityPools/[^\s'\"]*/\*|/\*['\"]", text)
     ]
     assert offenders == []
 
