@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker import settings
-from broker.errors import ConfigError
+from broker import diagnosis, settings
+from broker.errors import ConfigError, Denied, Step
 from broker.fakes import FakeGoogle
 from tests.conftest import AUDIENCE, SA, run_broker
 
@@ -159,3 +159,29 @@ def test_project_id_instead_of_number_is_refused_at_start_up(cred_file: Any) -> 
         ConfigError, match="audience: names project 'my-project'; provider audiences use the project NUMBER"
     ):
         settings.build({"audience": wrong, "source": "file:/dev/null"}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("context", "member"),
+    [
+        (diagnosis.Context(AUDIENCE, SA, subject=diagnosis.Subject(sub="abc")), "subject/abc"),
+        (diagnosis.Context(AUDIENCE, SA, member="principalSet://x/attribute.aws_role/R"), "aws_role/R"),
+        (
+            diagnosis.Context(AUDIENCE, SA, aws=True),
+            "attribute.aws_role/arn:aws:sts::ACCOUNT:assumed-role/ROLE",
+        ),
+        (diagnosis.Context(AUDIENCE, SA), "/subject/SUBJECT"),
+    ],
+)
+def test_the_member_is_the_narrowest_known_never_the_pool(context: diagnosis.Context, member: str) -> None:
+    """Without a subject (run, AWS) the fix names the shape of the narrow member, never ``/*``."""
+    denied = Denied(
+        Step.IAM_ACCESS, "PERMISSION_DENIED: denied", code="PERMISSION_DENIED", upstream_status=403
+    )
+    fix = diagnosis.explain(denied, context).fix
+    assert fix.endswith(member + "'")
+    assert "/*" not in fix
+
+
+def test_times_are_iso_8601_utc() -> None:
+    assert diagnosis.iso(0) == "1970-01-01T00:00:00Z"
