@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import aiohttp
 
-from broker import diagnosis, iam, logs, metrics, sts
+from broker import metrics
 from broker.cache import Policy, TokenCache
 from broker.clock import Clock
-from broker.errors import BrokerError, Denied, Step, Transient
+from broker.diagnosis import NO_SERVICE_ACCOUNT_FIX
+from broker.errors import BrokerError, NotFound, Step
 from broker.settings import Settings
 from broker.sources import SubjectTokenSource
+from broker.steps import ChainSteps
 from broker.tokens import CLOUD_PLATFORM, FederatedKey, IdTokenKey, ScopeSet, Token
 
-T = TypeVar("T")
 log = logging.getLogger("broker.chain")
 STS_SCOPES = ScopeSet.of([CLOUD_PLATFORM])
-UPSTREAM_OF_STEP = {
-    Step.SUBJECT_TOKEN: metrics.Upstream.SUBJECT_TOKEN,
-    Step.STS: metrics.Upstream.STS,
-    Step.IAM_ACCESS: metrics.Upstream.IAM,
-    Step.IAM_ID: metrics.Upstream.IAM,
-    Step.AWS: metrics.Upstream.AWS,
-    Step.AZURE: metrics.Upstream.AZURE,
-}
 
 
 class TokenChain:
@@ -46,10 +36,8 @@ class TokenChain:
         clock: Clock,
     ) -> None:
         self.settings = settings
-        self._source = source
-        self._session = session
         self._clock = clock
-        self._context = diagnosis.Context(settings.cred.audience, settings.service_account_email)
+        self.steps = ChainSteps(settings, source, session, clock)
         policy = Policy(refresh_before=settings.refresh_before, min_serve_ttl=settings.min_serve_ttl)
         self._federated = TokenCache[FederatedKey](
             metrics.Kind.FEDERATED, Step.STS, self._load_federated, clock, policy, keep_warm=lambda k: True
@@ -76,11 +64,10 @@ class TokenChain:
 
     async def id_token(self, key: IdTokenKey) -> Token:
         if not self.settings.impersonating:
-            raise Denied(
+            raise NotFound(
                 Step.IAM_ID,
                 "ID tokens need a service account to impersonate; this broker uses direct federated access",
-                fix="set service-account (or service_account_impersonation_url in the credential file)",
-                upstream_status=404,
+                fix=NO_SERVICE_ACCOUNT_FIX,
             )
         return await self._id.get(key)
 
@@ -110,29 +97,10 @@ class TokenChain:
         for cache in (self._access, self._id, self._federated):
             await cache.close()
 
-    # -- loaders -------------------------------------------------------------------
-
-    async def _subject_token(self) -> str:
-        subject = await self._timed(Step.SUBJECT_TOKEN, self._source.subject_token)
-        logs.remember_secret(subject)
-        return subject
+    # -- loaders: the cached use of the chain's steps (broker/steps.py) ------------
 
     async def _exchange(self, scopes: ScopeSet) -> Token:
-        subject = await self._subject_token()
-        cred = self.settings.cred
-        now = self._clock.wall()
-        return await self._timed(
-            Step.STS,
-            lambda: sts.exchange_token(
-                self._session,
-                cred.token_url,
-                audience=cred.audience,
-                subject_token=subject,
-                subject_token_type=cred.subject_token_type,
-                scopes=scopes,
-                now=now,
-            ),
-        )
+        return await self.steps.exchange(await self.steps.subject_token(), scopes)
 
     async def _load_federated(self, key: FederatedKey) -> Token:
         return await self._exchange(key.scopes)
@@ -141,61 +109,8 @@ class TokenChain:
         if not self.settings.impersonating:
             return await self._exchange(scopes)
         federated = await self._federated.get(FederatedKey(STS_SCOPES))
-        return await self._timed(
-            Step.IAM_ACCESS,
-            lambda: iam.generate_access_token(
-                self._session,
-                self.settings.access_token_url,
-                bearer=federated.value,
-                scopes=scopes,
-                lifetime_seconds=self.settings.cred.token_lifetime_seconds,
-                quota_project=self.settings.cred.quota_project_id,
-            ),
-        )
+        return await self.steps.access_token(federated, scopes)
 
     async def _load_id(self, key: IdTokenKey) -> Token:
         federated = await self._federated.get(FederatedKey(STS_SCOPES))
-        return await self._timed(
-            Step.IAM_ID,
-            lambda: iam.generate_id_token(
-                self._session,
-                self.settings.id_token_url,
-                bearer=federated.value,
-                audience=key.audience,
-                include_email=key.include_email,
-                quota_project=self.settings.cred.quota_project_id,
-            ),
-        )
-
-    async def _timed(self, step: Step, call: Callable[[], Awaitable[T]]) -> T:
-        upstream = UPSTREAM_OF_STEP[step].value
-        started = time.perf_counter()
-        outcome = metrics.Outcome.OK
-        try:
-            result = await call()
-            if isinstance(result, Token):
-                # Exact-value redaction catches what no pattern can (opaque tokens).
-                logs.remember_secret(result.value)
-            return result
-        except Denied as exc:
-            outcome = metrics.Outcome.DENIED
-            explained = diagnosis.explain(exc, self._context)
-            log.error("upstream denied", extra=_failure(step, explained))
-            raise explained from None
-        except Transient as exc:
-            outcome = metrics.Outcome.TRANSIENT
-            explained = diagnosis.explain(exc, self._context)
-            log.warning("upstream failed", extra=_failure(step, explained))
-            raise explained from None
-        finally:
-            metrics.UPSTREAM_CALLS.labels(upstream=upstream, outcome=outcome.value).inc()
-            metrics.UPSTREAM_SECONDS.labels(upstream=upstream).observe(time.perf_counter() - started)
-
-
-def _failure(step: Step, exc: BrokerError) -> dict[str, object]:
-    return {
-        "event": "upstream_failure",
-        "step": step.value,
-        "upstream_status": exc.upstream_status,
-        "error": exc.describe(),
-    }
+        return await self.steps.id_token(federated, key.audience, key.include_email)

@@ -171,6 +171,14 @@ def _headers(source: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(headers.items())
 
 
+def _x509_refused() -> ConfigError:
+    return ConfigError(
+        "credential_source.certificate",
+        "X.509 certificate (mTLS) workload identity federation is not supported by wif-broker; "
+        "use a file, url, aws or azure source",
+    )
+
+
 def parse_source(info: dict[str, Any], token_type: str) -> CredentialSource:
     source = info.get("credential_source")
     if not isinstance(source, dict):
@@ -181,10 +189,7 @@ def parse_source(info: dict[str, Any], token_type: str) -> CredentialSource:
             "executable-sourced credentials are not supported by wif-broker; use file, url or aws",
         )
     if "certificate" in source:
-        raise ConfigError(
-            "credential_source.certificate",
-            "X.509 (mTLS) workload identity is not supported by wif-broker; use file, url or aws",
-        )
+        raise _x509_refused()
     azure_resource = _string(source, "azure_resource", prefix="credential_source.")
     if azure_resource:
         # wif-broker extension: azure-identity (workload or managed identity) gives the
@@ -234,7 +239,9 @@ def parse(info: dict[str, Any]) -> CredentialConfig:
     project = re.search(r"^//iam\.googleapis\.com/projects/([^/]+)/", audience)
     if project and not project.group(1).isdigit():
         raise ConfigError(
-            "audience", f"names project {project.group(1)!r}; provider audiences use the project NUMBER"
+            "audience",
+            f"names project {project.group(1)!r}; provider audiences use the project NUMBER: "
+            f"gcloud projects describe {project.group(1)} --format='value(projectNumber)'",
         )
     if _WORKFORCE_AUDIENCE.match(audience):
         raise ConfigError("audience", "workforce pools federate people, not workloads; use a workload pool")
@@ -243,6 +250,11 @@ def parse(info: dict[str, Any]) -> CredentialConfig:
     for key in ("client_id", "client_secret"):
         if info.get(key):
             raise ConfigError(key, "is a workforce/gcloud-only field, not valid for a workload pool")
+    source = info.get("credential_source")
+    if isinstance(source, dict) and "certificate" in source:
+        # Before the token type: gcloud's X.509 file says urn:ietf:params:oauth:token-type:mtls,
+        # and "not a known subject token type" would hide what is unsupported.
+        raise _x509_refused()
     token_type = _string(info, "subject_token_type", required=True)
     if token_type == SAML_TOKEN_TYPE:
         raise ConfigError("subject_token_type", "SAML assertions are not supported by wif-broker")

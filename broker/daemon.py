@@ -127,6 +127,9 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
         )
         return
     log.info("native identity", extra={"event": "identity", "kind": source.kind, **seen})
+    if seen.get("bind"):
+        # An AWS role is known only from GetCallerIdentity: later IAM denials name its member.
+        chain.steps.learn_member(seen["bind"])
 
 
 def _fmt(address: object) -> str:

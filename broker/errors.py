@@ -31,9 +31,14 @@ class BrokerError(Exception):
         upstream_status: int | None = None,
         retry_after: float | None = None,
         code: str = "",
+        details: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.step = step
         self.code = code  # the upstream's machine-readable error, e.g. invalid_grant
+        # The upstream's structured facts (Google's ErrorInfo reason and metadata, e.g.
+        # ("reason", "SERVICE_DISABLED"), ("consumer", "projects/123")): diagnosis reads
+        # them instead of parsing English messages.
+        self.details = details
         self.reason = reason
         self.fix = fix
         self.upstream_status = upstream_status
@@ -49,7 +54,11 @@ class BrokerError(Exception):
             upstream_status=self.upstream_status,
             retry_after=self.retry_after,
             code=self.code,
+            details=self.details,
         )
+
+    def detail(self, name: str) -> str:
+        return next((value for key, value in self.details if key == name), "")
 
     def describe(self) -> str:
         status = f" (HTTP {self.upstream_status})" if self.upstream_status is not None else ""
@@ -63,6 +72,10 @@ class Transient(BrokerError):
 
 class Denied(BrokerError):
     """Permanent until an operator changes configuration or IAM policy."""
+
+
+class NotFound(Denied):
+    """What was asked for does not exist in this configuration (the metadata server answers 404)."""
 
 
 class ConfigError(Exception):

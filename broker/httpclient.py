@@ -94,9 +94,16 @@ async def request(
     except TimeoutError:
         raise Transient(step, f"timed out talking to {_host(url)}") from None
     except aiohttp.ClientError as exc:
-        raise Transient(step, f"cannot reach {_host(url)}: {type(exc).__name__}") from None
+        raise Transient(step, f"cannot reach {_host(url)}: {_cause(exc)}") from None
     except asyncio.CancelledError:
         raise
+
+
+def _cause(exc: aiohttp.ClientError) -> str:
+    """The class and the OS's words (DNS failure, refused, unreachable): what the operator fixes."""
+    os_error = getattr(exc, "os_error", None)
+    words = (os_error.strerror or str(os_error)) if isinstance(os_error, OSError) else ""
+    return f"{type(exc).__name__} ({words})" if words else type(exc).__name__
 
 
 def _host(url: str) -> str:

@@ -7,20 +7,47 @@ from datetime import datetime
 import aiohttp
 
 from broker import httpclient, tokens
-from broker.errors import Step, Transient
+from broker.errors import BrokerError, Step, Transient
 from broker.tokens import ScopeSet, Token, TokenKind
 
-FIXES = {
-    "PERMISSION_DENIED": (
-        "grant roles/iam.workloadIdentityUser on the service account to the federated principal, e.g. "
-        "gcloud iam service-accounts add-iam-policy-binding SA_EMAIL --role=roles/iam.workloadIdentityUser "
-        "--member='principalSet://iam.googleapis.com/projects/PROJECT_NUMBER/locations/global/"
-        "workloadIdentityPools/POOL/*'"
-    ),
-    "NOT_FOUND": "the service account does not exist: check the email in the impersonation URL",
-    "INVALID_ARGUMENT": "check token_lifetime_seconds (over 3600 needs an org policy exception)",
-    "UNAUTHENTICATED": "the federated token was refused; it may have expired",
-}
+
+def _error(step: Step, reply: httpclient.Reply) -> BrokerError:
+    """The upstream error with the ErrorInfo facts attached (token-chain.md §B.3).
+
+    IAM answers a missing binding and a disabled API with the same 403
+    PERMISSION_DENIED; only ``details[].reason`` (IAM_PERMISSION_DENIED vs
+    SERVICE_DISABLED) and its metadata (permission, consumer) tell them apart.
+    """
+    error = httpclient.upstream_error(step, reply)
+    details = _error_info(reply)
+    if not details:
+        return error
+    return type(error)(
+        error.step,
+        error.reason,
+        upstream_status=error.upstream_status,
+        retry_after=error.retry_after,
+        code=error.code,
+        details=details,
+    )
+
+
+def _error_info(reply: httpclient.Reply) -> tuple[tuple[str, str], ...]:
+    try:
+        data = reply.json()
+    except ValueError:
+        return ()
+    err = data.get("error") if isinstance(data, dict) else None
+    found: list[tuple[str, str]] = []
+    for detail in (err.get("details") or []) if isinstance(err, dict) else []:
+        if not isinstance(detail, dict) or not str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo"):
+            continue
+        found.append(("reason", str(detail.get("reason", ""))))
+        metadata = detail.get("metadata")
+        if isinstance(metadata, dict):
+            found.extend((str(k), str(v)) for k, v in metadata.items() if isinstance(v, str))
+        break  # Google sends one ErrorInfo; the first is the one that classifies
+    return tuple(found)
 
 
 def _headers(bearer: str, quota_project: str) -> dict[str, str]:
@@ -44,7 +71,7 @@ async def generate_access_token(
         session, "POST", url, Step.IAM_ACCESS, headers=_headers(bearer, quota_project), json_body=body
     )
     if reply.status != 200:
-        raise httpclient.upstream_error(Step.IAM_ACCESS, reply, FIXES)
+        raise _error(Step.IAM_ACCESS, reply)
     try:
         data = reply.json()
         value = data["accessToken"]
@@ -72,7 +99,7 @@ async def generate_id_token(
         session, "POST", url, Step.IAM_ID, headers=_headers(bearer, quota_project), json_body=body
     )
     if reply.status != 200:
-        raise httpclient.upstream_error(Step.IAM_ID, reply, FIXES)
+        raise _error(Step.IAM_ID, reply)
     try:
         value = reply.json()["token"]
         # No expiry field: read exp from the JWT, unverified, as google-auth does.

@@ -20,6 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from broker import __version__
+from broker.tokens import TokenKind
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -51,10 +52,8 @@ class Outcome(StrEnum):
     DENIED = "denied"
 
 
-class Kind(StrEnum):
-    FEDERATED = "federated"
-    ACCESS = "access"
-    ID = "id"
+# The token kinds label cache metrics: the same enum as the tokens, not a copy of it.
+Kind = TokenKind
 
 
 class CacheResult(StrEnum):

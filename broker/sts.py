@@ -11,20 +11,7 @@ from broker.tokens import ScopeSet, Token, TokenKind
 MAX_EXPIRES_IN = 7 * 24 * 3600  # STS issues ~1 h tokens; anything beyond a week is garbage
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
-
-FIXES = {
-    "invalid_grant": (
-        "the provider rejected the subject token: check the provider's issuer URI, allowed audiences "
-        "and attribute condition, and that the token has not expired"
-    ),
-    "invalid_target": (
-        "the workload identity pool or provider in 'audience' does not exist or is disabled: "
-        "check the audience (project NUMBER, not project id) with "
-        "'gcloud iam workload-identity-pools providers describe'"
-    ),
-    "invalid_request": "the audience or subject token type is malformed; compare it with the provider",
-    "unauthorized_client": "the provider does not accept this kind of subject token",
-}
+# Fix text for STS's errors lives in broker/diagnosis.py, with the facts it needs.
 
 
 async def exchange_token(
@@ -52,7 +39,7 @@ async def exchange_token(
     }
     reply = await httpclient.request(session, "POST", url, Step.STS, data=form)
     if reply.status != 200:
-        raise httpclient.upstream_error(Step.STS, reply, FIXES)
+        raise httpclient.upstream_error(Step.STS, reply)
     try:
         data = reply.json()
         value = data["access_token"]

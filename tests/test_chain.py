@@ -140,7 +140,7 @@ async def test_sts_invalid_target_is_a_denial_with_a_fix(
         ready = await get_admin(broker.admin_url + "/readyz")
     assert status == 403
     assert "sts failed (HTTP 400): invalid_target" in text
-    assert "project NUMBER" in text
+    assert "is disabled or deleted" in text
     assert ready[0] == 503
     assert "invalid_target" in ready[1]["reason"]
 

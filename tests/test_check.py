@@ -10,6 +10,11 @@ from pathlib import Path
 from broker.fakes import FakeGoogle
 from tests.conftest import SA
 
+MEMBER = (
+    "principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/"
+    "wif-broker-demo/subject/system:serviceaccount:default:app"
+)
+
 
 async def run_check(cred_file: Path) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")}
@@ -53,8 +58,8 @@ async def test_check_explains_an_iam_denial(google: FakeGoogle, cred_file: Path)
     assert "ok    STS token exchange" in out
     assert "FAIL  generateAccessToken: PERMISSION_DENIED" in out
     assert (
-        f"fix: let the federated identity impersonate the service account: gcloud iam service-accounts "
-        f"add-iam-policy-binding {SA} --role=roles/iam.workloadIdentityUser "
-        "--member='principalSet://iam.googleapis.com/projects/123456789012/locations/global/"
-        "workloadIdentityPools/wif-broker-demo/*'"
+        f"fix: {MEMBER} may not impersonate as {SA}\n"
+        f"      gcloud iam service-accounts add-iam-policy-binding {SA} "
+        "--role=roles/iam.workloadIdentityUser "
+        f"--member='{MEMBER}'\n"
     ) in out

@@ -12,13 +12,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker import settings
-from broker.errors import ConfigError
+from broker import diagnosis, settings
+from broker.errors import ConfigError, Denied, Step
 from broker.fakes import FakeGoogle
 from tests.conftest import AUDIENCE, SA, run_broker
 
 TOKEN = "/computeMetadata/v1/instance/service-accounts/default/token"
-POOL_MEMBER = "principalSet://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/wif-broker-demo/*"
+SUBJECT_MEMBER = (
+    "principal://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/"
+    "wif-broker-demo/subject/system:serviceaccount:default:app"
+)
 
 
 async def token_error(broker_url: str) -> tuple[int, str]:
@@ -37,7 +40,11 @@ STS_CASES: list[tuple[str, dict[str, Any], int, list[str]]] = [
             "error_description": "The audience in ID Token [x] does not match the expected audience.",
         },
         403,
-        ["sts failed (HTTP 400): invalid_grant", "mint it for", "--allowed-audiences"],
+        [
+            "sts failed (HTTP 400): invalid_grant",
+            "aud 'x' is not an allowed audience",
+            "--allowed-audiences=x",
+        ],
     ),
     (
         "issuer",
@@ -46,7 +53,7 @@ STS_CASES: list[tuple[str, dict[str, Any], int, list[str]]] = [
             "error_description": "The issuer in ID Token [https://a] does not match the expected ones.",
         },
         403,
-        ["does not match the provider's issuer URI", "https://sts.windows.net/TENANT/"],
+        ["iss 'https://a' is not the issuer URI", "--issuer-uri=https://a"],
     ),
     (
         "attribute condition",
@@ -55,13 +62,13 @@ STS_CASES: list[tuple[str, dict[str, Any], int, list[str]]] = [
             "error_description": "The given credential is rejected by the attribute condition.",
         },
         403,
-        ["attribute condition rejected this identity", "providers describe"],
+        ["attribute condition of provider", "--format='value(attributeCondition)'"],
     ),
     (
         "expired",
         {"error": "invalid_grant", "error_description": "ID Token issued at 1 is stale to sign-in."},
         403,
-        ["subject token has expired", "without subPath"],
+        ["the subject token expired at ", "(never subPath)"],
     ),
     (
         "aws signature",
@@ -82,7 +89,7 @@ STS_CASES: list[tuple[str, dict[str, Any], int, list[str]]] = [
             "error_description": 'The target service indicated by the "audience" parameters is invalid.',
         },
         403,
-        ["does not exist or is disabled", "project NUMBER"],
+        ["is disabled or deleted", "--no-disabled"],
     ),
     (
         "transient",
@@ -119,7 +126,7 @@ async def test_iam_denial_names_the_exact_binding(
     assert status == 403
     assert (
         f"gcloud iam service-accounts add-iam-policy-binding {SA} --role=roles/iam.workloadIdentityUser "
-        f"--member='{POOL_MEMBER}'"
+        f"--member='{SUBJECT_MEMBER}'"
     ) in text
 
 
@@ -152,3 +159,29 @@ def test_project_id_instead_of_number_is_refused_at_start_up(cred_file: Any) -> 
         ConfigError, match="audience: names project 'my-project'; provider audiences use the project NUMBER"
     ):
         settings.build({"audience": wrong, "source": "file:/dev/null"}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("context", "member"),
+    [
+        (diagnosis.Context(AUDIENCE, SA, subject=diagnosis.Subject(sub="abc")), "subject/abc"),
+        (diagnosis.Context(AUDIENCE, SA, member="principalSet://x/attribute.aws_role/R"), "aws_role/R"),
+        (
+            diagnosis.Context(AUDIENCE, SA, aws=True),
+            "attribute.aws_role/arn:aws:sts::ACCOUNT:assumed-role/ROLE",
+        ),
+        (diagnosis.Context(AUDIENCE, SA), "/subject/SUBJECT"),
+    ],
+)
+def test_the_member_is_the_narrowest_known_never_the_pool(context: diagnosis.Context, member: str) -> None:
+    """Without a subject (run, AWS) the fix names the shape of the narrow member, never ``/*``."""
+    denied = Denied(
+        Step.IAM_ACCESS, "PERMISSION_DENIED: denied", code="PERMISSION_DENIED", upstream_status=403
+    )
+    fix = diagnosis.explain(denied, context).fix
+    assert fix.endswith(member + "'")
+    assert "/*" not in fix
+
+
+def test_times_are_iso_8601_utc() -> None:
+    assert diagnosis.iso(0) == "1970-01-01T00:00:00Z"

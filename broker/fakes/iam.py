@@ -101,6 +101,10 @@ class FakeIam(FakeService):
         self.google_signer = google_signer if google_signer is not None else FakeGoogleSigner()
         self.max_lifetime_seconds = max_lifetime_seconds
         self.issued_access: set[str] = set()
+        # Misconfigurations (SPEC §11), answered as IAM answers them.
+        self.api_enabled = True  # False: SERVICE_DISABLED in project ``project_number``
+        self.project_number = "123456789012"
+        self.withheld: set[str] = set()  # permissions the caller lacks, e.g. getOpenIdToken
         self.issued_id: list[str] = []
 
     def _add_routes(self, application: web.Application) -> None:
@@ -119,9 +123,11 @@ class FakeIam(FakeService):
         denied = self._authenticate(request.headers.get("Authorization", ""), rpc)
         if denied is not None:
             return denied
+        if not self.api_enabled:
+            return self._service_disabled()
         if not is_json_type(media_type(request)):
             return _bad("Invalid request: Content-Type must be application/json.")
-        if email not in self.service_accounts:
+        if email not in self.service_accounts or permission in self.withheld:
             return google_error(
                 403,
                 f"Permission '{permission}' denied on resource (or it may not exist).",
@@ -134,6 +140,29 @@ class FakeIam(FakeService):
             return self._id_token(email, body)
         except _Invalid as exc:
             return _bad(str(exc))
+
+    def _service_disabled(self) -> web.Response:
+        """The API is not enabled in the caller's project (the real body: a Help link, then ErrorInfo)."""
+        number = self.project_number
+        console = f"https://console.developers.google.com/apis/api/iamcredentials.googleapis.com/overview?project={number}"
+        return google_error(
+            403,
+            f"IAM Service Account Credentials API has not been used in project {number} before or it is "
+            f"disabled. Enable it by visiting {console} then retry. If you enabled this API recently, wait "
+            "a few minutes for the action to propagate to our systems and retry.",
+            [
+                {
+                    "@type": "type.googleapis.com/google.rpc.Help",
+                    "links": [{"description": "Google developers console API activation", "url": console}],
+                },
+                error_info(
+                    "SERVICE_DISABLED",
+                    "googleapis.com",
+                    consumer=f"projects/{number}",
+                    service="iamcredentials.googleapis.com",
+                ),
+            ],
+        )
 
     def _authenticate(self, authorization: str, rpc: str) -> web.Response | None:
         scheme, _, token = authorization.partition(" ")

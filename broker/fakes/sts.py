@@ -91,6 +91,11 @@ class FakeSts(FakeService):
             allowed_audiences = [audience, "https:" + audience]
         self.allowed_audiences = list(allowed_audiences)
         self.issued: dict[str, IssuedToken] = {}
+        # The provider's settings a misconfiguration changes (SPEC §11); each is
+        # refused with the error STS gives for it.
+        self.disabled = False  # the provider or its pool is disabled: invalid_target
+        self.issuer_uri = ""  # the provider's issuer URI when it is not the issuer's own
+        self.attribute_condition: Callable[[dict[str, Any]], bool] | None = None
         # subject_token_type -> validator returning the claims; add AWS etc. here.
         self._subject_validators: dict[str, Callable[[str], dict[str, Any]]] = dict.fromkeys(
             JWT_SUBJECT_TYPES, self._jwt_claims
@@ -154,10 +159,12 @@ class FakeSts(FakeService):
             raise StsRejected(
                 "invalid_request", f'Invalid value for "subject_token_type": {form["subject_token_type"]!r}.'
             )
-        if form["audience"] != self.audience:
+        if form["audience"] != self.audience or self.disabled:
             raise StsRejected("invalid_target", INVALID_TARGET)
         options = _decode_options(form["options"]) if "options" in form else None
         claims = self._subject_validators[form["subject_token_type"]](form["subject_token"])
+        if self.attribute_condition is not None and not self.attribute_condition(claims):
+            raise StsRejected("invalid_grant", "The given credential is rejected by the attribute condition.")
         now = self.now()
         return IssuedToken(
             value="ya29.fake-sts-" + secrets.token_urlsafe(32),
@@ -177,7 +184,7 @@ class FakeSts(FakeService):
         iat, exp = claims.get("iat"), claims.get("exp")
         if not isinstance(iat, int | float) or not isinstance(exp, int | float):
             raise StsRejected("invalid_grant", "The ID Token must contain numeric iat and exp claims.")
-        if claims.get("iss") != self.issuer.issuer:
+        if claims.get("iss") != (self.issuer_uri or self.issuer.issuer):
             raise StsRejected(
                 "invalid_grant", f"The issuer in ID Token [{claims.get('iss')}] is not trusted."
             )

@@ -29,7 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from broker import logs, metrics
-from broker.errors import BrokerError, Transient
+from broker.errors import BrokerError, NotFound, Transient
 from broker.metadata.tree import JSON, TEXT
 
 log = logging.getLogger("broker.metadata")
@@ -115,4 +115,4 @@ def _refusal(request: web.Request, gce_rules: bool = True) -> web.Response | Non
 def _status_of(exc: BrokerError) -> int:
     if isinstance(exc, Transient):
         return 503
-    return 404 if exc.upstream_status == 404 else 403
+    return 404 if isinstance(exc, NotFound) else 403

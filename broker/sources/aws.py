@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Mapping
 from urllib.parse import quote, urlsplit
 
@@ -23,6 +22,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from broker import httpclient, metrics
 from broker.credconfig import AwsSource
+from broker.diagnosis import AWS_REGION_FIX
 from broker.errors import BrokerError, Step, Transient
 from broker.sources.awscreds import (
     CredentialChain,
@@ -97,16 +97,8 @@ class AwsTokenSource:
         }
 
     async def _credentials(self) -> FrozenCredentials:
-        started = time.perf_counter()
-        outcome = metrics.Outcome.OK
-        try:
-            creds = await asyncio.to_thread(self._chain.frozen)
-        except BrokerError:
-            outcome = metrics.Outcome.TRANSIENT
-            raise
-        finally:
-            metrics.UPSTREAM_CALLS.labels(upstream="aws", outcome=outcome.value).inc()
-            metrics.UPSTREAM_SECONDS.labels(upstream="aws").observe(time.perf_counter() - started)
+        # Timed and counted once, as the subject-token step (broker/steps.py), upstream="aws".
+        creds = await asyncio.to_thread(self._chain.frozen)
         if creds.method != self.last_method:
             self.last_method = creds.method
             metrics.AWS_PROVIDER.clear()
@@ -127,7 +119,7 @@ class AwsTokenSource:
             raise Transient(
                 Step.AWS,
                 "cannot determine the AWS region",
-                fix="set AWS_REGION (ECS and EKS usually inject it) or region_url in the credential file",
+                fix=AWS_REGION_FIX,
             )
         self._region = region
         return region

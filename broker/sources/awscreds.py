@@ -26,22 +26,14 @@ import botocore.session
 import botocore.utils
 from botocore.awsrequest import AWSRequest
 
+from broker.diagnosis import AWS_CLOCK_FIX, HOP_LIMIT_FIX, IRSA_FIX, NO_ROLE_FIX
 from broker.errors import Step, Transient
 
 # Regular and GovCloud/China region names at the start of an AZ or Local Zone
 # name: "us-east-2b" → "us-east-2", "us-west-2-lax-1a" → "us-west-2".
 _REGION_PREFIX = re.compile(r"^([a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d+)")
 TRIED = "env, web identity (EKS IRSA), container (ECS task role / EKS Pod Identity), EC2 instance metadata"
-HOP_LIMIT_FIX = (
-    "if this runs in a container on EC2, IMDSv2 needs a hop limit of 2: "
-    "aws ec2 modify-instance-metadata-options --instance-id ID --http-put-response-hop-limit 2"
-)
 STS_CLIENT_CONFIG = botocore.config.Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 2})
-NO_ROLE_FIX = "run with an IAM role (task role, IRSA, Pod Identity or instance profile)"
-IRSA_FIX = (
-    "check the role's trust policy (the cluster's OIDC provider, sub and aud sts.amazonaws.com) "
-    "and that the web identity token file is the projected token EKS mounts"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +77,7 @@ class CredentialChain:
             raise Transient(
                 Step.AWS,
                 f"AWS credentials expired and the provider ({self.method}) handed out no newer ones: {exc}",
-                fix="check the clock (timedatectl) and the credential provider's health",
+                fix=AWS_CLOCK_FIX,
             ) from None
         return FrozenCredentials(creds.access_key or "", creds.secret_key or "", creds.token, self.method)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,8 @@ import aiohttp
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import ManagedIdentityCredential, WorkloadIdentityCredential
 
-from broker import metrics
 from broker.credconfig import AzureSource
-from broker.errors import ConfigError, Transient
+from broker.errors import ConfigError
 from broker.sources import azure_errors
 from broker.sources.extract import describe_jwt
 from broker.tokens import unverified_claims
@@ -123,19 +121,13 @@ class AzureTokenSource:
         self._closed = False
 
     async def subject_token(self) -> str:
-        started = time.perf_counter()
-        outcome = metrics.Outcome.OK
+        # Timed and counted once, as the subject-token step (broker/steps.py), upstream="azure".
         try:
             async with asyncio.timeout(TIMEOUT_SECONDS):
                 token = await self._credential.get_token(self._scope)
             return str(token.token)
         except Exception as exc:
-            error = azure_errors.classify(exc, self._context())
-            outcome = metrics.Outcome.TRANSIENT if isinstance(error, Transient) else metrics.Outcome.DENIED
-            raise error from None
-        finally:
-            metrics.UPSTREAM_CALLS.labels(upstream="azure", outcome=outcome.value).inc()
-            metrics.UPSTREAM_SECONDS.labels(upstream="azure").observe(time.perf_counter() - started)
+            raise azure_errors.classify(exc, self._context()) from None
 
     async def describe(self) -> dict[str, str]:
         """The identity, the token's iss/aud (v1 or v2), and the provider settings that accept it."""

@@ -103,10 +103,11 @@ def _fix_for_answer(error: BrokerError, ctx: Context) -> str:
         sub = ctx.assertion_sub or "system:serviceaccount:NAMESPACE:SERVICE_ACCOUNT"
         return (
             f"Entra ID has no federated credential on identity {ctx.client_id or 'AZURE_CLIENT_ID'} that "
-            "matches the token file: az identity federated-credential create --name wif-broker "
+            "matches the token file; add one (for an app registration: az ad app federated-credential "
+            "create, same issuer, subject and audience):\n"
+            "az identity federated-credential create --name wif-broker "
             f"--identity-name IDENTITY --resource-group RG --issuer {iss} --subject {sub} "
-            f"--audiences {FEDERATED_AUDIENCE} "
-            "(for an app registration: az ad app federated-credential create)"
+            f"--audiences {FEDERATED_AUDIENCE}"
         )
     if aadsts == "700024":
         return (
@@ -136,8 +137,9 @@ def _fix_for_answer(error: BrokerError, ctx: Context) -> str:
         return "send the header 'Metadata: true' to IMDS (azure-identity does)"
     if ctx.credential == "managed_identity" and error.upstream_status == 400:
         return (
-            "assign a managed identity to this VM/VMSS (az vm identity assign), or set AZURE_CLIENT_ID to "
-            "the client ID of a user-assigned identity attached to it"
+            "set AZURE_CLIENT_ID to the client ID of a user-assigned identity attached to this VM/VMSS, "
+            "or assign it a managed identity:\n"
+            "az vm identity assign --resource-group RG --name VM"
         )
     if error.upstream_status in (401, 403) and ctx.credential == "managed_identity":
         return "IMDS refused the request: it must come from the VM itself, without a proxy in between"

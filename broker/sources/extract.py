@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker import httpclient
 from broker.credconfig import TokenFormat
+from broker.diagnosis import TOKEN_FIELD_FIX, iso
 from broker.errors import Step, Transient
 from broker.tokens import unverified_claims
 
@@ -17,7 +18,7 @@ def describe_jwt(token: str) -> dict[str, str]:
     described = {key: str(claims.get(key, "")) for key in ("iss", "sub", "aud")}
     exp = claims.get("exp")
     if isinstance(exp, int | float):
-        described["exp"] = str(int(exp))
+        described["exp"] = iso(exp)
     return described
 
 
@@ -33,7 +34,7 @@ def extract(raw: bytes, fmt: TokenFormat, where: str) -> str:
             raise Transient(
                 Step.SUBJECT_TOKEN,
                 f"{where} has no string field {fmt.subject_token_field_name!r}",
-                fix="check credential_source.format.subject_token_field_name",
+                fix=TOKEN_FIELD_FIX,
             )
         text = value
     # google-auth keeps a trailing newline verbatim; STS would reject it, so strip.

@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 from broker.credconfig import FileSource
+from broker.diagnosis import TOKEN_FILE_FIX
 from broker.errors import Step, Transient
 from broker.sources.extract import describe_jwt, extract
 
@@ -31,7 +32,7 @@ class FileTokenSource:
             raise Transient(
                 Step.SUBJECT_TOKEN,
                 f"token file {path} does not exist",
-                fix="mount the projected service-account token at that path (not with subPath)",
+                fix=TOKEN_FILE_FIX,
             ) from None
         except OSError as exc:
             raise Transient(Step.SUBJECT_TOKEN, f"cannot read token file {path}: {exc.strerror}") from None

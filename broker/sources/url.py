@@ -10,10 +10,6 @@ from broker.errors import Step
 from broker.sources.extract import describe_jwt, extract
 
 TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
-_FIXES = {
-    "bad_request_102": "send the header 'Metadata: true' (wif-broker normalises 'True' already)",
-    "invalid_resource": "the resource in credential_source.url is not an Entra application ID URI",
-}
 
 
 class UrlTokenSource:
@@ -40,7 +36,7 @@ class UrlTokenSource:
         if reply.status != 200:
             # Azure IMDS answers 404/410 while it is updating: retry, don't give up.
             transient = httpclient.TRANSIENT_STATUSES | {404, 410}
-            raise httpclient.upstream_error(Step.SUBJECT_TOKEN, reply, _FIXES, transient)
+            raise httpclient.upstream_error(Step.SUBJECT_TOKEN, reply, transient=transient)
         return extract(reply.body, self._source.format, f"response of {self._source.url.split('?')[0]}")
 
     async def describe(self) -> dict[str, str]:
