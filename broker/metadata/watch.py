@@ -19,8 +19,10 @@ MAX_TIMEOUT = 600
 
 async def wait(rendered: Rendered, query: Mapping[str, str], shutdown: asyncio.Event) -> None:
     raw = query.get("timeout_sec", str(MAX_TIMEOUT))
-    if not raw.isdigit():
-        raise BadQuery("timeout_sec must be a whole number of seconds")
+    # 1-6 ASCII digits: str.isdigit() alone accepts "²" (int() then raises) and
+    # 5,000 digits (over int's max_str_digits); both were 500s.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6):
+        raise BadQuery("timeout_sec must be a whole number of seconds (1 to 6 digits)")
     if query.get("last_etag", "NONE") != rendered.etag:
         return
     with contextlib.suppress(TimeoutError):
