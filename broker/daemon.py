@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -19,9 +20,9 @@ from broker import httpclient
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.metadata.app import create_metadata_app
-from broker.settings import Settings
+from broker.settings import Address, Settings
 from broker.sources import SubjectTokenSource, build_source
 
 log = logging.getLogger("broker.daemon")
@@ -73,7 +74,7 @@ async def serve(
         admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
         await admin.setup()
         stack.push_async_callback(admin.cleanup)
-        await web.TCPSite(admin, settings.admin_listen.host, settings.admin_listen.port).start()
+        await _listen(admin, settings.admin_listen, "admin-listen")
         runner = web.AppRunner(
             create_metadata_app(settings, chain, clock, shutdown),
             access_log=None,
@@ -82,7 +83,7 @@ async def serve(
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         for address in settings.listen:
-            await web.TCPSite(runner, address.host, address.port, backlog=1024).start()
+            await _listen(runner, address, "listen", backlog=1024)
         addresses = [_fmt(a) for a in runner.addresses]
         admin_addresses = [_fmt(a) for a in admin.addresses]
         log.info(
@@ -120,6 +121,15 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
         )
         return
     log.info("native identity", extra={"event": "identity", "kind": source.kind, **seen})
+
+
+async def _listen(runner: web.AppRunner, address: Address, setting: str, **kwargs: Any) -> None:
+    """Bind one listener. A port in use or an address this host does not have is a
+    configuration error naming the setting (one line, exit 2), not a traceback."""
+    try:
+        await web.TCPSite(runner, address.host, address.port, **kwargs).start()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
 def _fmt(address: object) -> str:

@@ -140,6 +140,9 @@ def _coerce(spec: Spec, raw: Any, origin: str) -> str | int | tuple[str, ...]:
             raise ConfigError(spec.name, f"{raw!r} ({origin}) is not a whole number of seconds")
         return int(text)
     if spec.kind == "list":
+        if isinstance(raw, list) and not all(isinstance(item, str) for item in raw):
+            # TOML "scopes = [1, {a = 1}]": str() would turn them into scopes.
+            raise ConfigError(spec.name, f"({origin}) must be a list of strings")
         items = raw if isinstance(raw, list) else str(raw).split(",")
         values = tuple(str(item).strip() for item in items if str(item).strip())
         if not values:
@@ -155,8 +158,17 @@ def _read_toml(path: str) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config", f"file {path!r} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {path!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path!r} is not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError("config", f"{path!r} is nested too deeply to be a settings file") from None
+    except ValueError:
+        # tomllib's int() refuses more than sys.get_int_max_str_digits() digits.
+        raise ConfigError("config", f"{path!r} holds a number out of range") from None
 
 
 def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
