@@ -48,7 +48,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("aws-credentials", "str", "chain", "chain (botocore: env, IRSA, ECS/Pod Identity, IMDS) | strict"),
     Spec("azure-resource", "str", None, "Entra application ID URI for source = azure"),
     Spec("listen", "list", ("127.0.0.1:8988",), "metadata server address (repeatable)"),
-    Spec("admin-listen", "str", "0.0.0.0:8989", "address of /healthz, /readyz, /metrics"),
+    # Loopback by default like listen (SPEC §2, §8); manifests that need kubelet
+    # probes or scraping set 0.0.0.0:8989 explicitly.
+    Spec("admin-listen", "str", "127.0.0.1:8989", "address of /healthz, /readyz, /metrics"),
     Spec("imds-passthrough", "str", None, "transparent mode: forward non-GCE paths to this IMDS base URL"),
     Spec("project-id", "str", None, "project/project-id (default: from the service account email)"),
     Spec("numeric-project-id", "str", None, "project/numeric-project-id (default: from the audience)"),
