@@ -21,6 +21,7 @@ from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
 from broker.errors import BrokerError, ConfigError
+from broker.metadata import listener
 from broker.metadata.app import create_metadata_app
 from broker.settings import Address, Settings
 from broker.sources import SubjectTokenSource, build_source
@@ -71,11 +72,11 @@ async def serve(
         stack.push_async_callback(source.close)
         chain = TokenChain(settings, source, session, clock)
         stack.push_async_callback(chain.close)
-        admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
+        admin = listener.GuardedRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
         await admin.setup()
         stack.push_async_callback(admin.cleanup)
         await _listen(admin, settings.admin_listen, "admin-listen")
-        runner = web.AppRunner(
+        runner = listener.GuardedRunner(
             create_metadata_app(settings, chain, clock, shutdown),
             access_log=None,
             shutdown_timeout=DRAIN_SECONDS,
@@ -126,6 +127,7 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
 async def _listen(runner: web.AppRunner, address: Address, setting: str, **kwargs: Any) -> None:
     """Bind one listener. A port in use or an address this host does not have is a
     configuration error naming the setting (one line, exit 2), not a traceback."""
+    listener.prepare_process(asyncio.get_running_loop())
     try:
         await web.TCPSite(runner, address.host, address.port, **kwargs).start()
     except OSError as exc:

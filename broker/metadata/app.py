@@ -9,7 +9,7 @@ from aiohttp import web
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.chain import TokenChain
 from broker.clock import Clock
-from broker.metadata import handlers, passthrough, tree
+from broker.metadata import handlers, passthrough, tree, watch
 from broker.metadata.wire import allowed_hosts, gce_wire
 from broker.metrics import Endpoint
 from broker.settings import Settings
@@ -28,6 +28,7 @@ def create_metadata_app(
     app[CLOCK] = clock
     app[TREE] = tree.build_tree(settings)
     app[SHUTDOWN] = shutdown or asyncio.Event()
+    app[watch.WAITERS] = watch.Waiters()
     token = handlers.token_endpoint(app)
     hosts = allowed_hosts(address.host for address in settings.listen)
     routes = [

@@ -68,9 +68,13 @@ async def metadata(request: web.Request) -> web.StreamResponse:
             raise tree.BadQuery("wait_for_change on a directory needs recursive=true")
         rendered = tree.render(node, alt=query.get("alt"), recursive=recursive)
         if waiting:
-            await watch.wait(rendered, query, request.app[SHUTDOWN])
+            await watch.wait(rendered, query, request.app[SHUTDOWN], request.app[watch.WAITERS])
     except tree.BadQuery as exc:
         return error_response(400, f"Bad Request: {exc}")
+    except watch.TooManyWaiters:
+        response = error_response(503, "Service Unavailable: too many wait_for_change requests")
+        response.headers["Retry-After"] = "1"
+        return response
     return respond(rendered.body, rendered.content_type, etag=rendered.etag)
 
 
