@@ -166,6 +166,11 @@ class AcceptErrorLog:
         self._suppressed = 0
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if _resume_after_close(context):
+            # asyncio retries accepting 1 s after EMFILE even if the listener was
+            # closed meanwhile (at shutdown) and fails on fd -1: nothing to report.
+            log.debug("accept retry on a closed listener", extra={"event": "accept_error"})
+            return
         if context.get("message") != _ACCEPT_ERROR:
             if self._previous is not None:
                 self._previous(loop, context)
@@ -188,6 +193,13 @@ class AcceptErrorLog:
             },
         )
         self._suppressed = 0
+
+
+def _resume_after_close(context: dict[str, Any]) -> bool:
+    callback = getattr(context.get("handle"), "_callback", None)
+    return getattr(callback, "__name__", "") == "_start_serving" and isinstance(
+        context.get("exception"), ValueError
+    )
 
 
 def prepare_process(loop: asyncio.AbstractEventLoop) -> None:
