@@ -17,12 +17,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import httpclient
+from broker.admin import SERVER as ADMIN_SERVER
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
 from broker.errors import BrokerError, ConfigError
 from broker.metadata import listener
 from broker.metadata.app import create_metadata_app
+from broker.metadata.wire import GCE_HEADERS
 from broker.settings import Address, Settings
 from broker.sources import SubjectTokenSource, build_source
 
@@ -72,12 +74,18 @@ async def serve(
         stack.push_async_callback(source.close)
         chain = TokenChain(settings, source, session, clock)
         stack.push_async_callback(chain.close)
-        admin = listener.GuardedRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
+        admin = listener.GuardedRunner(
+            create_admin_app(chain),
+            access_log=None,
+            shutdown_timeout=2.0,
+            error_headers={"Server": ADMIN_SERVER},
+        )
         await admin.setup()
         stack.push_async_callback(admin.cleanup)
         await _listen(admin, settings.admin_listen, "admin-listen")
         runner = listener.GuardedRunner(
             create_metadata_app(settings, chain, clock, shutdown),
+            error_headers=GCE_HEADERS,
             access_log=None,
             shutdown_timeout=DRAIN_SECONDS,
         )

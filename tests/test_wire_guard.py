@@ -109,13 +109,17 @@ async def test_a_request_without_host(broker: RunningBroker) -> None:
     status, _, body = await raw(broker.host, get(TOKEN, "Metadata-Flavor: Google", host=None, version="1.0"))
     assert status == 200, body
     # HTTP/1.1 requires exactly one Host (RFC 9112 §3.2); aiohttp's parser refuses
-    # the request before any handler (a bare 400, like any malformed head).
-    status, _, body = await raw(broker.host, get(TOKEN, "Metadata-Flavor: Google", host=None))
-    assert status == 400
-    assert b"access_token" not in body
+    # the request before any handler, and the listener still sends the GCE headers.
+    reply = await raw(broker.host, get(TOKEN, "Metadata-Flavor: Google", host=None))
+    assert_gce_refusal(*reply, expected=400)
     reply = await raw(broker.host, get(TOKEN, "Metadata-Flavor: Google", "Host: localhost"))
-    assert reply[0] == 400
-    assert b"access_token" not in reply[2]
+    assert_gce_refusal(*reply, expected=400)
+
+
+async def test_a_malformed_head_gets_the_gce_headers_and_no_echo(broker: RunningBroker) -> None:
+    reply = await raw(broker.host, "GET /\x01<script> HTTP/1.1\nHost: localhost\n")
+    assert_gce_refusal(*reply, expected=400)
+    assert b"script" not in reply[2]
 
 
 @pytest.mark.parametrize(

@@ -27,11 +27,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 log = logging.getLogger("broker.listener")
 HEAD_TIMEOUT: Final = 10.0
@@ -62,9 +65,17 @@ class Limits:
 class GuardedRunner(web.AppRunner):
     """``web.AppRunner`` whose connections keep :class:`Limits`."""
 
-    def __init__(self, app: web.Application, *, limits: Limits = Limits(), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        limits: Limits = Limits(),
+        error_headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
         self._limits = limits
+        self._error_headers = dict(error_headers or {})
 
     async def _make_server(self) -> web.Server:
         # The app's own Server (startup signals run, handler and request factory
@@ -75,14 +86,16 @@ class GuardedRunner(web.AppRunner):
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             limits=self._limits,
+            error_headers=self._error_headers,
             **self._kwargs,
         )
 
 
 class _Server(web.Server):
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, error_headers: dict[str, str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.error_headers = error_headers
         self.open = 0  # connections whose protocol is live (aiohttp's dict lags: it waits for tasks)
 
     def __call__(self) -> RequestHandler:
@@ -124,6 +137,28 @@ class _Protocol(RequestHandler):
             self._disarm()  # a head is complete; the keep-alive timer takes over after the answer
         elif self._head_timer is None and self.transport is not None:
             self._arm()  # the first bytes of a later request: its head is due from now
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Requests aiohttp refuses before any handler (a malformed head, HTTP/1.1
+        without Host): the listener's headers (the GCE ones on the metadata
+        listener, SPEC §3) and a fixed body, never aiohttp's, which may quote the
+        request's bytes."""
+        super().handle_error(request, status, exc, message)  # logs; raises if a response began
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        response = web.Response(
+            status=status, text=f"{phrase}\n", content_type="text/plain", headers=self._server.error_headers
+        )
+        response.force_close()
+        return response
 
     def _arm(self) -> None:
         self._disarm()

@@ -57,10 +57,10 @@ SERVER: Final = "Metadata Server for VM"
 ENDPOINT_KEY: Final = web.RequestKey("endpoint", metrics.Endpoint)  # set by handlers, read for metrics
 HTML = "text/html; charset=UTF-8"
 PLAIN = "text/plain; charset=utf-8"
-_GCE = {"Metadata-Flavor": "Google", "Server": SERVER}
+GCE_HEADERS: Final = {"Metadata-Flavor": "Google", "Server": SERVER}
 # Prebuilt per content type: aiohttp copies a CIMultiDict in C, faster than
 # building headers per response.
-_HEADERS = {ct: CIMultiDict({"Content-Type": ct, **_GCE}) for ct in (TEXT, JSON, HTML, PLAIN)}
+_HEADERS = {ct: CIMultiDict({"Content-Type": ct, **GCE_HEADERS}) for ct in (TEXT, JSON, HTML, PLAIN)}
 __all__ = [
     "HTML",
     "JSON",
