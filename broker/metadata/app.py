@@ -10,7 +10,7 @@ from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.chain import TokenChain
 from broker.clock import Clock
 from broker.metadata import handlers, passthrough, tree, watch
-from broker.metadata.wire import allowed_hosts, gce_wire
+from broker.metadata.wire import HostAllowlist, gce_wire
 from broker.metrics import Endpoint
 from broker.settings import Settings
 
@@ -30,7 +30,7 @@ def create_metadata_app(
     app[SHUTDOWN] = shutdown or asyncio.Event()
     app[watch.WAITERS] = watch.Waiters()
     token = handlers.token_endpoint(app)
-    hosts = allowed_hosts(address.host for address in settings.listen)
+    hosts = HostAllowlist(address.host for address in settings.listen)
     routes = [
         ("/", handlers.root, Endpoint.ROOT),
         ("/computeMetadata", handlers.compute_metadata, Endpoint.LISTING),

@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from broker import logs, metrics
 from broker.errors import BrokerError, Transient
@@ -67,7 +67,7 @@ __all__ = [
     "PLAIN",
     "TEXT",
     "Handler",
-    "allowed_hosts",
+    "HostAllowlist",
     "error_response",
     "gce_wire",
     "respond",
@@ -76,21 +76,17 @@ __all__ = [
 FIXED_HOSTS: Final = frozenset(
     {"localhost", "127.0.0.1", "::1", "metadata.google.internal", "metadata", "169.254.169.254"}
 )
-# Request headers that mean a browser or a proxy made the request (lower-case bytes,
-# compared with the raw header names: one pass over the head, no MultiDict lookups).
-_REFUSED: Final = frozenset(
-    {
-        b"origin",
-        b"sec-fetch-site",
-        b"sec-fetch-mode",
-        b"forwarded",
-        b"via",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-real-ip",
-    }
+# Request headers that mean a browser or a proxy made the request.
+_VIA: Final = istr("Via")
+_REFUSED: Final = (
+    *(istr(name) for name in ("X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "Forwarded", "Origin")),
+    *(istr(name) for name in ("Sec-Fetch-Site", "Sec-Fetch-Mode")),
+    _VIA,
 )
-_SELF_VIA: Final = b"wif-broker"  # passthrough.VIA's product token
+_HOST: Final = istr("Host")
+_FLAVOR: Final = istr("Metadata-Flavor")
+_MEMO: Final = 64
+_SELF_VIA: Final = "wif-broker"  # passthrough.VIA's product token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -114,20 +110,21 @@ def gce_wire(
     *,
     gce_rules: bool = True,
     endpoint_per_request: bool = False,
-    hosts: frozenset[str] = FIXED_HOSTS,
+    hosts: HostAllowlist | None = None,
 ) -> Handler:
     """Apply the wire rules around ``handler``; ``endpoint`` labels its metrics, unless
     ``endpoint_per_request``: then the handler may name it (``request[ENDPOINT_KEY]``).
     ``gce_rules=False`` (paths outside /computeMetadata/): the guard only. ``hosts``:
-    the ``Host`` names accepted (:func:`allowed_hosts`)."""
+    the ``Host`` values accepted (one :class:`HostAllowlist` per app)."""
     # Resolved once: on the token path a dict lookup that misses (Mapping.get raises
     # and catches KeyError) and a label lookup per request were measurable (bench/).
     cells = metrics.request_cells(endpoint)
+    allowlist = hosts or HostAllowlist()
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
-            response = _refusal(request, hosts, gce_rules) or await handler(request)
+            response = _refusal(request, allowlist, gce_rules) or await handler(request)
         except web.HTTPException as exc:
             response = error_response(exc.status, exc.reason)
         except BrokerError as exc:
@@ -146,64 +143,76 @@ def gce_wire(
     return wrapped
 
 
-def allowed_hosts(listen: Iterable[str]) -> frozenset[str]:
-    """The ``Host`` names accepted: the fixed ones plus the listen addresses' hosts."""
-    return FIXED_HOSTS | {host.lower().rstrip(".") for host in listen}
+class HostAllowlist:
+    """The ``Host`` values a metadata app accepts (SPEC §8), with a small memo.
+
+    Accepted values seen before are answered by one dict lookup (the token path
+    sends the same ``Host`` every time); refused ones are not remembered, so a
+    caller cannot grow the memo, which also stops at ``_MEMO`` entries.
+    """
+
+    __slots__ = ("_memo", "names")
+
+    def __init__(self, listen: Iterable[str] = ()) -> None:
+        self.names = FIXED_HOSTS | {host.lower().rstrip(".") for host in listen}
+        self._memo: dict[str, bool] = {}
+
+    def allows(self, value: str, request: web.Request) -> bool:
+        if value in self._memo:
+            return True
+        name = _host_name(value.strip().lower())
+        if name in self.names:
+            if len(self._memo) < _MEMO:
+                self._memo[value] = True
+            return True
+        # A wildcard listen address (0.0.0.0, ::): the client may name the address
+        # it connected to. An IP literal cannot be rebound: the client connected to
+        # exactly that address. Per connection, so never memoised.
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sockname or name is None:
+            return False
+        try:
+            return ipaddress.ip_address(name) == ipaddress.ip_address(sockname[0])
+        except ValueError:
+            return False
 
 
-def _refusal(request: web.Request, hosts: frozenset[str], gce_rules: bool = True) -> web.Response | None:
-    host: bytes | None = None
-    host_count = flavor_count = 0
-    refused = b""
-    for name, value in request.raw_headers:
-        lower = name.lower()
-        if lower == b"host":
-            host, host_count = value, host_count + 1
-        elif lower == b"metadata-flavor":
-            flavor_count += 1
-        elif lower in _REFUSED and not refused:
-            if lower == b"via" and not gce_rules and value.strip().endswith(_SELF_VIA):
-                continue  # the pass-through's own relay came back: its loop guard answers
-            refused = name
-    if refused:
-        return error_response(403, f"Forbidden: requests carrying {refused.decode('latin-1')} are refused")
-    if host_count != 1:
-        if host_count == 0 and request.version < (1, 1):
-            pass  # see the module docstring: no browser sends a request without Host
-        else:
+def _refusal(request: web.Request, hosts: HostAllowlist, gce_rules: bool = True) -> web.Response | None:
+    # MultiDict lookups in C: a Python loop over the raw head cost ~2 us more per
+    # request (timeit of this function: +0.2-0.5 us over the old guard now).
+    headers = request.headers
+    for name in _REFUSED:
+        if name in headers:
+            if (
+                name is _VIA
+                and not gce_rules
+                and all(v.strip().endswith(_SELF_VIA) for v in headers.getall(_VIA))
+            ):
+                continue  # the pass-through's own relay came back: its loop guard answers 508
+            return error_response(403, f"Forbidden: requests carrying {name} are refused")
+    host = headers.getall(_HOST, ())
+    if len(host) != 1:
+        # HTTP/1.0 without Host is served: no browser sends a request without Host.
+        # (aiohttp's parser already answers 400 to HTTP/1.1 without, or with two.)
+        if host or request.version >= (1, 1):
             return error_response(400, "Bad Request: exactly one Host header is required")
-    elif not _host_ok(host or b"", hosts, request):
+    elif not hosts.allows(host[0], request):
         # The Host is not echoed: it is whatever name an attacker's page used.
         return error_response(403, "Forbidden: the Host header does not name this metadata server")
     if not gce_rules:
         return None
+    flavor = headers.getall(_FLAVOR, ())
+    if len(flavor) > 1:
+        return error_response(403, 'Forbidden: "Metadata-Flavor" must be sent once')
     path = request.path
     under = path.startswith("/computeMetadata/") or path == "/computeMetadata"
-    if flavor_count > 1:
-        return error_response(403, 'Forbidden: "Metadata-Flavor" must be sent once')
-    if under and request.headers.get("Metadata-Flavor") != "Google":
+    if under and (not flavor or flavor[0] != "Google"):
         return error_response(403, 'Missing required header "Metadata-Flavor": "Google"')
     if request.method not in ("GET", "HEAD"):
         response = error_response(405, "Method Not Allowed")
         response.headers["Allow"] = "GET, HEAD"  # RFC 9110 §15.5.6: a 405 must say what is allowed
         return response
     return None
-
-
-def _host_ok(raw: bytes, hosts: frozenset[str], request: web.Request) -> bool:
-    name = _host_name(raw.decode("latin-1").strip().lower())
-    if name in hosts:
-        return True
-    # A wildcard listen address (0.0.0.0, ::): the client may name the address it
-    # connected to (e.g. the pod IP from a kubelet-like caller). An IP literal
-    # cannot be rebound: the browser connected to exactly that address.
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    if not sockname or name is None:
-        return False
-    try:
-        return ipaddress.ip_address(name) == ipaddress.ip_address(sockname[0])
-    except ValueError:
-        return False
 
 
 def _host_name(host: str) -> str | None:
