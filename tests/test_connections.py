@@ -36,6 +36,7 @@ from tests.resilience._support import ready_broker, write_settings
 V1 = "/computeMetadata/v1"
 LEAF = f"{V1}/project/project-id"
 AUDIENCE = "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q"
+FLAVOR = {"Metadata-Flavor": "Google"}
 HEAD = f"GET {LEAF} HTTP/1.1\r\nHost: localhost\r\nMetadata-Flavor: Google\r\n\r\n".encode()
 
 
@@ -200,6 +201,41 @@ async def test_the_257th_long_poll_gets_503(tmp_path: Path) -> None:
                 results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 30)
         statuses = sorted(r[0] if not isinstance(r, BaseException) else repr(r) for r in results)
         assert statuses == [200] * watch.MAX_WAITERS + [503], statuses[-3:]
+
+
+async def test_a_dropped_long_poll_frees_its_slot(tmp_path: Path) -> None:
+    async with FakeGoogle() as google, ready_broker(write_settings(tmp_path, google)) as broker:
+        async with aiohttp.ClientSession() as session, session.get(broker.url + LEAF, headers=FLAVOR) as resp:
+            etag = resp.headers["ETag"]
+
+        def long_poll(seconds: int) -> bytes:
+            query = f"wait_for_change=true&last_etag={etag}&timeout_sec={seconds}"
+            return (
+                f"GET {LEAF}?{query} HTTP/1.1\r\nHost: localhost\r\nMetadata-Flavor: Google\r\n\r\n".encode()
+            )
+
+        polls = [await connect(broker.host) for _ in range(watch.MAX_WAITERS + 1)]
+        try:
+            for _, writer in polls:
+                writer.write(long_poll(60))
+            reads = {asyncio.create_task(reader.read(100)): n for n, (reader, _) in enumerate(polls)}
+            done, _ = await asyncio.wait(reads, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1, "no long-poll was refused"
+            refused = reads[done.pop()]
+            waiting = [n for n in range(len(polls)) if n != refused]
+            for n in waiting[:10]:  # ten clients hang up
+                polls[n][1].close()
+            await asyncio.sleep(1)
+            reader, writer = await connect(broker.host)
+            writer.write(long_poll(1))
+            status, _ = await read_response(reader)
+            writer.close()
+            assert status == 200, "the dropped long-polls still hold their slots"
+            for task in reads:
+                task.cancel()
+        finally:
+            for _, writer in polls:
+                writer.close()
 
 
 # --- as a process, with RLIMIT_NOFILE lowered ---------------------------------------------

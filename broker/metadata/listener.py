@@ -17,7 +17,8 @@ hour of keep-alive, no connection cap):
 * the soft ``RLIMIT_NOFILE`` is raised to the hard limit at start (containers
   often start with 1,024 soft, which the connection cap alone would use up).
 
-Long-polls are bounded where they wait (``watch.py``). The limits are a frozen
+Long-polls are bounded where they wait (``watch.py``); a client that hangs up
+frees its slot at once (``handler_cancellation``). The limits are a frozen
 value given to :class:`GuardedRunner`; tests shorten them there (keep-alive),
 never through a user setting.
 """
@@ -73,6 +74,10 @@ class GuardedRunner(web.AppRunner):
         error_headers: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        # handler_cancellation: a client that hangs up ends its handler, so a dropped
+        # long-poll frees its slot at once (token loads are shielded in the cache and
+        # finish for the other waiters).
+        kwargs.setdefault("handler_cancellation", True)
         super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
         self._limits = limits
         self._error_headers = dict(error_headers or {})
@@ -84,7 +89,6 @@ class GuardedRunner(web.AppRunner):
         return _Server(
             plain.request_handler,
             request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
             limits=self._limits,
             error_headers=self._error_headers,
             **self._kwargs,
