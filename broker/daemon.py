@@ -135,6 +135,7 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
 async def _listen(runner: web.AppRunner, address: Address, setting: str, **kwargs: Any) -> None:
     """Bind one listener. A port in use or an address this host does not have is a
     configuration error naming the setting (one line, exit 2), not a traceback."""
+    # Before the first socket opens: fd limit raised, accept errors rate-limited (idempotent).
     listener.prepare_process(asyncio.get_running_loop())
     try:
         await web.TCPSite(runner, address.host, address.port, **kwargs).start()

@@ -140,6 +140,8 @@ def _coerce(spec: Spec, raw: Any, origin: str) -> str | int | tuple[str, ...]:
         text = text[:-1] if text.endswith("s") else text
         if isinstance(raw, bool) or not (text.isascii() and text.isdigit()):
             raise ConfigError(spec.name, f"{raw!r} ({origin}) is not a whole number of seconds")
+        if len(text) > 9:  # 4,000 digits parse, then overflow float arithmetic at run time
+            raise ConfigError(spec.name, f"({origin}) is out of range (at most 9 digits)")
         return int(text)
     if spec.kind == "list":
         if isinstance(raw, list) and not all(isinstance(item, str) for item in raw):

@@ -77,11 +77,13 @@ TOML_CASES = {
     "deep-tables": b"scopes = " + b"{a = " * 100_000,
     "huge-int": b"refresh-before = " + b"9" * 5000 + b"\n",
     "huge-float": b"refresh-before = 1e999999\n",
+    "long-int": b"refresh-before = " + b"9" * 4000 + b"\n",  # parses; would overflow a float later
     "non-string-list": b"scopes = [1, {a = 1}]\n",
     "non-string-listen": b'listen = ["127.0.0.1:0", 8988]\n',
 }
 TOML_SETTING = {
     "huge-float": "refresh-before",
+    "long-int": "refresh-before",
     "non-string-list": "scopes",
     "non-string-listen": "listen",
 }
