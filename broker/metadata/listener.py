@@ -53,6 +53,7 @@ _FULL: Final = (
     b"\r\n"
     b"Service Unavailable: too many clients"
 )
+_NR_OPEN: Final = 1 << 20
 _ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message (selector_events.py)
 
 
@@ -182,10 +183,12 @@ class _Protocol(RequestHandler):
 def raise_fd_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit (an unprivileged process may)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
+    # Linux refuses an infinite RLIMIT_NOFILE; its default ceiling (fs.nr_open) is 2^20.
+    target = _NR_OPEN if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:  # e.g. RLIM_INFINITY refused: keep what we have
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # keep what we have; the connection cap still holds
             log.warning(
                 "cannot raise the open-files limit",
                 extra={"event": "rlimit", "soft": soft, "hard": hard, "error": str(exc)},
