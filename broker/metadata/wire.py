@@ -12,18 +12,20 @@
     spelling of the same name), or the address the connection arrived on
     (a wildcard listen address). Else 403: a browser page on a name the
     attacker rebinds to 127.0.0.1 sends that name as ``Host``. HTTP/1.1
-    without ``Host`` (or with two) → 400 (RFC 9112 §3.2); HTTP/1.0 without
+    without ``Host`` (or with two) → 400 (RFC 9112 §3.2; aiohttp's parser
+    already refuses it, with our headers: listener.py); HTTP/1.0 without
     ``Host`` is served: browsers always send ``Host``, so a request without
     one cannot be a rebinding page, and old tools speak HTTP/1.0.
   - ``Origin``, ``Sec-Fetch-Site``, ``Sec-Fetch-Mode`` (a browser made the
     request) and ``X-Forwarded-For``, ``X-Forwarded-Host``, ``X-Real-IP``,
     ``Forwarded``, ``Via`` (a proxy hop: the request may not come from this
     pod; Google's k8s-metadata-proxy refuses X-Forwarded-For too) → 403.
-    One exception: outside ``/computeMetadata/`` a ``Via`` naming only
+    One exception: outside ``/computeMetadata/`` a ``Via`` whose last hop is
     ``wif-broker`` goes on to the handler, so the pass-through's loop guard
     answers 508 and says how to fix the redirect (passthrough.py).
-  - A repeated ``Metadata-Flavor`` → 403: which copy wins is not for a proxy
-    or a smuggler to choose.
+  - On the GCE paths (``/`` and ``/computeMetadata/…``) a repeated
+    ``Metadata-Flavor`` → 403: which copy wins is not for a proxy or a
+    smuggler to choose.
 * ``Metadata-Flavor: Google`` required under ``/computeMetadata/`` → else 403; the
   root ``/`` answers without it, for Go's detection probe.
 * Outside ``/computeMetadata/`` (the catch-all: 404, or the IMDS pass-through of
