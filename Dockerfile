@@ -66,7 +66,8 @@ ENV PATH=/opt/wif-broker/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 USER 65532:65532
 # 8988: metadata server (listens on 127.0.0.1 unless --listen says otherwise,
 # so it is reachable from containers sharing the network namespace: a pod, an
-# awsvpc ECS task). 8989: /healthz, /readyz, /metrics (0.0.0.0 by default).
+# awsvpc ECS task). 8989: /healthz, /readyz, /metrics (127.0.0.1 by default;
+# the shipped manifests and task definitions set --admin-listen 0.0.0.0:8989).
 EXPOSE 8988 8989
 # Liveness only; readiness (first token minted) is /readyz, which the
 # Kubernetes startupProbe uses. Proxies are bypassed on purpose.

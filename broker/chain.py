@@ -97,6 +97,10 @@ class TokenChain:
         for cache in (self._access, self._id, self._federated):
             await cache.close()
 
+    def default_token_error(self) -> BrokerError | None:
+        """The last failure minting the default access token (admin /readyz names its step)."""
+        return self._access.last_error(self.settings.scopes)
+
     # -- loaders: the cached use of the chain's steps (broker/steps.py) ------------
 
     async def _exchange(self, scopes: ScopeSet) -> Token:

@@ -8,6 +8,7 @@ refused by name at start-up instead of failing on the first request.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +99,33 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError("credentials", f"file {path!r} does not exist") from None
     except OSError as exc:
         raise ConfigError("credentials", f"cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("credentials", f"{path!r} is not UTF-8 (byte {exc.start})") from None
     try:
-        info = json.loads(text)
+        info = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             "credentials", f"{path!r} is not valid JSON (line {exc.lineno}: {exc.msg})"
         ) from None
+    except RecursionError:
+        raise ConfigError("credentials", f"{path!r} is nested too deeply to be a credential file") from None
+    except ValueError:
+        # int() refuses more than sys.get_int_max_str_digits() digits; _finite refuses 1e999999.
+        raise ConfigError("credentials", f"{path!r} holds a number out of range") from None
     if not isinstance(info, dict):
         raise ConfigError("credentials", f"{path!r} must hold a JSON object")
     return info
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")  # NaN, Infinity: Python extensions, not JSON
 
 
 def check_url(name: str, value: str) -> str:

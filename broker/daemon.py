@@ -11,17 +11,21 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import httpclient
+from broker.admin import SERVER as ADMIN_SERVER
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
+from broker.metadata import listener
 from broker.metadata.app import create_metadata_app
-from broker.settings import Settings
+from broker.metadata.wire import GCE_HEADERS
+from broker.settings import Address, Settings
 from broker.sources import SubjectTokenSource, build_source
 
 log = logging.getLogger("broker.daemon")
@@ -75,19 +79,25 @@ async def serve(
         stack.push_async_callback(source.close)
         chain = TokenChain(settings, source, session, clock)
         stack.push_async_callback(chain.close)
-        admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
+        admin = listener.GuardedRunner(
+            create_admin_app(chain),
+            access_log=None,
+            shutdown_timeout=2.0,
+            error_headers={"Server": ADMIN_SERVER},
+        )
         await admin.setup()
         stack.push_async_callback(admin.cleanup)
-        await web.TCPSite(admin, settings.admin_listen.host, settings.admin_listen.port).start()
-        runner = web.AppRunner(
+        await _listen(admin, settings.admin_listen, "admin-listen")
+        runner = listener.GuardedRunner(
             create_metadata_app(settings, chain, clock, shutdown),
+            error_headers=GCE_HEADERS,
             access_log=None,
             shutdown_timeout=DRAIN_SECONDS,
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         for address in settings.listen:
-            await web.TCPSite(runner, address.host, address.port, backlog=1024).start()
+            await _listen(runner, address, "listen", backlog=1024)
         addresses = [_fmt(a) for a in runner.addresses]
         admin_addresses = [_fmt(a) for a in admin.addresses]
         log.info(
@@ -130,6 +140,17 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
     if seen.get("bind"):
         # An AWS role is known only from GetCallerIdentity: later IAM denials name its member.
         chain.steps.learn_member(seen["bind"])
+
+
+async def _listen(runner: web.AppRunner, address: Address, setting: str, **kwargs: Any) -> None:
+    """Bind one listener. A port in use or an address this host does not have is a
+    configuration error naming the setting (one line, exit 2), not a traceback."""
+    # Before the first socket opens: fd limit raised, accept errors rate-limited (idempotent).
+    listener.prepare_process(asyncio.get_running_loop())
+    try:
+        await web.TCPSite(runner, address.host, address.port, **kwargs).start()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
 def _fmt(address: object) -> str:

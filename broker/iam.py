@@ -8,7 +8,7 @@ import aiohttp
 
 from broker import httpclient, tokens
 from broker.errors import BrokerError, Step, Transient
-from broker.tokens import ScopeSet, Token, TokenKind
+from broker.tokens import ScopeSet, Token, TokenKind, header_safe
 
 
 def _error(step: Step, reply: httpclient.Reply) -> BrokerError:
@@ -82,6 +82,12 @@ async def generate_access_token(
         ) from None
     if not isinstance(value, str) or not value:
         raise Transient(Step.IAM_ACCESS, "response has an empty accessToken", upstream_status=200)
+    if not header_safe(value):
+        raise Transient(
+            Step.IAM_ACCESS,
+            "response accessToken has characters a header value cannot carry",
+            upstream_status=200,
+        )
     return Token(TokenKind.ACCESS, value, expires_at)
 
 
@@ -102,6 +108,10 @@ async def generate_id_token(
         raise _error(Step.IAM_ID, reply)
     try:
         value = reply.json()["token"]
+        if isinstance(value, str) and not header_safe(value):
+            raise Transient(
+                Step.IAM_ID, "response token has characters a header value cannot carry", upstream_status=200
+            )
         # No expiry field: read exp from the JWT, unverified, as google-auth does.
         claims = tokens.unverified_claims(value)
         expires_at = float(claims["exp"])

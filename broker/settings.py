@@ -48,7 +48,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("aws-credentials", "str", "chain", "chain (botocore: env, IRSA, ECS/Pod Identity, IMDS) | strict"),
     Spec("azure-resource", "str", None, "Entra application ID URI for source = azure"),
     Spec("listen", "list", ("127.0.0.1:8988",), "metadata server address (repeatable)"),
-    Spec("admin-listen", "str", "0.0.0.0:8989", "address of /healthz, /readyz, /metrics"),
+    # Loopback by default like listen (SPEC §2, §8); manifests that need kubelet
+    # probes or scraping set 0.0.0.0:8989 explicitly.
+    Spec("admin-listen", "str", "127.0.0.1:8989", "address of /healthz, /readyz, /metrics"),
     Spec("imds-passthrough", "str", None, "transparent mode: forward non-GCE paths to this IMDS base URL"),
     Spec("project-id", "str", None, "project/project-id (default: from the service account email)"),
     Spec("numeric-project-id", "str", None, "project/numeric-project-id (default: from the audience)"),
@@ -138,8 +140,13 @@ def _coerce(spec: Spec, raw: Any, origin: str) -> str | int | tuple[str, ...]:
         text = text[:-1] if text.endswith("s") else text
         if isinstance(raw, bool) or not (text.isascii() and text.isdigit()):
             raise ConfigError(spec.name, f"{raw!r} ({origin}) is not a whole number of seconds")
+        if len(text) > 9:  # 4,000 digits parse, then overflow float arithmetic at run time
+            raise ConfigError(spec.name, f"({origin}) is out of range (at most 9 digits)")
         return int(text)
     if spec.kind == "list":
+        if isinstance(raw, list) and not all(isinstance(item, str) for item in raw):
+            # TOML "scopes = [1, {a = 1}]": str() would turn them into scopes.
+            raise ConfigError(spec.name, f"({origin}) must be a list of strings")
         items = raw if isinstance(raw, list) else str(raw).split(",")
         values = tuple(str(item).strip() for item in items if str(item).strip())
         if not values:
@@ -155,8 +162,17 @@ def _read_toml(path: str) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config", f"file {path!r} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("config", f"cannot read {path!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path!r} is not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError("config", f"{path!r} is nested too deeply to be a settings file") from None
+    except ValueError:
+        # tomllib's int() refuses more than sys.get_int_max_str_digits() digits.
+        raise ConfigError("config", f"{path!r} holds a number out of range") from None
 
 
 def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

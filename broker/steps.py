@@ -157,6 +157,16 @@ class ChainSteps:
             explained = self.explain(exc)
             log.warning("upstream failed", extra=_failure(step, explained))
             raise explained from None
+        except BrokerError:
+            raise
+        except Exception as exc:
+            # A bug or a library's surprise (e.g. a header value aiohttp refuses) is
+            # a transient failure of this step, served as 503 naming it, never a 500.
+            # The class only: the message may quote a token or a response body.
+            outcome = metrics.Outcome.TRANSIENT
+            unexpected = Transient(step, f"unexpected error ({type(exc).__name__})")
+            log.error("upstream step raised unexpectedly", extra=_failure(step, unexpected))
+            raise unexpected from None
         finally:
             metrics.UPSTREAM_CALLS.labels(upstream=label, outcome=outcome.value).inc()
             metrics.UPSTREAM_SECONDS.labels(upstream=label).observe(time.perf_counter() - started)

@@ -6,7 +6,7 @@ import aiohttp
 
 from broker import httpclient
 from broker.errors import Step, Transient
-from broker.tokens import ScopeSet, Token, TokenKind
+from broker.tokens import ScopeSet, Token, TokenKind, header_safe
 
 MAX_EXPIRES_IN = 7 * 24 * 3600  # STS issues ~1 h tokens; anything beyond a week is garbage
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -51,6 +51,11 @@ async def exchange_token(
         raise Transient(Step.STS, "response is not a token JSON object", upstream_status=200) from None
     if not isinstance(value, str) or not value:
         raise Transient(Step.STS, "response has an empty access_token", upstream_status=200)
+    if not header_safe(value):
+        # Never the value: it is the token (or what pretends to be one).
+        raise Transient(
+            Step.STS, "response access_token has characters a header value cannot carry", upstream_status=200
+        )
     if expires_in <= 0:
         raise Transient(Step.STS, f"response has invalid expires_in {expires_in}", upstream_status=200)
     return Token(TokenKind.FEDERATED, value, now + expires_in)

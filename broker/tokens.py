@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -70,6 +71,18 @@ class FederatedKey:
     """
 
     scopes: ScopeSet
+
+
+# Visible ASCII, no space: what an OAuth bearer token (RFC 6750 b64token), a JWT
+# and Google's opaque tokens are made of. Anything else (CR/LF, NUL, other
+# controls, non-ASCII) cannot go into the Authorization header a client builds
+# from it, and would break the header or the JSON of every answer that carries it.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
+def header_safe(value: str) -> bool:
+    """Whether ``value`` may be served and sent as a bearer token."""
+    return _HEADER_SAFE.fullmatch(value) is not None
 
 
 def unverified_claims(token: str) -> dict[str, Any]:

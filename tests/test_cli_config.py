@@ -341,7 +341,7 @@ def test_valid_config_passes_validation(cred: str) -> None:
     assert resolved.project_id == "my-project"
     assert resolved.numeric_project_id == "123456789012"
     assert resolved.listen == (settings.Address("127.0.0.1", 8988),)
-    assert resolved.admin_listen == settings.Address("0.0.0.0", 8989)
+    assert resolved.admin_listen == settings.Address("127.0.0.1", 8989)  # loopback by default (SPEC §2)
     assert resolved.scopes == ScopeSet.of([CLOUD_PLATFORM])
     assert (resolved.refresh_before, resolved.min_serve_ttl) == (600, 300)
     assert (resolved.log_level, resolved.log_format) == ("info", "json")

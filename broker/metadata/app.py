@@ -9,8 +9,8 @@ from aiohttp import web
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
 from broker.chain import TokenChain
 from broker.clock import Clock
-from broker.metadata import handlers, passthrough, tree
-from broker.metadata.wire import gce_wire
+from broker.metadata import handlers, passthrough, tree, watch
+from broker.metadata.wire import HostAllowlist, gce_wire
 from broker.metrics import Endpoint
 from broker.settings import Settings
 
@@ -28,7 +28,9 @@ def create_metadata_app(
     app[CLOCK] = clock
     app[TREE] = tree.build_tree(settings)
     app[SHUTDOWN] = shutdown or asyncio.Event()
+    app[watch.WAITERS] = watch.Waiters()
     token = handlers.token_endpoint(app)
+    hosts = HostAllowlist(address.host for address in settings.listen)
     routes = [
         ("/", handlers.root, Endpoint.ROOT),
         ("/computeMetadata", handlers.compute_metadata, Endpoint.LISTING),
@@ -42,14 +44,17 @@ def create_metadata_app(
     for path, handler, endpoint in routes:
         # Only the tree handler tells listings, values, tokens and identity apart itself.
         per_request = handler is handlers.metadata
-        app.router.add_route("*", path, gce_wire(handler, endpoint, endpoint_per_request=per_request))
+        app.router.add_route(
+            "*", path, gce_wire(handler, endpoint, endpoint_per_request=per_request, hosts=hosts)
+        )
     # The catch-all guarantees every request meets the wire rules. Outside
-    # /computeMetadata/ only X-Forwarded-For is refused: the rest is not found
-    # (any method), or the host cloud's, relayed to its IMDS (transparent mode).
+    # /computeMetadata/ only the guard applies (Host, browser and proxy headers):
+    # the rest is not found (any method), or the host cloud's, relayed to its
+    # IMDS (transparent mode).
     if settings.imds_passthrough:
         passthrough.install(app, settings.imds_passthrough)
-        outside = gce_wire(passthrough.forward, Endpoint.PASSTHROUGH, gce_rules=False)
+        outside = gce_wire(passthrough.forward, Endpoint.PASSTHROUGH, gce_rules=False, hosts=hosts)
     else:
-        outside = gce_wire(handlers.not_found, Endpoint.OTHER, gce_rules=False)
+        outside = gce_wire(handlers.not_found, Endpoint.OTHER, gce_rules=False, hosts=hosts)
     app.router.add_route("*", "/{tail:.*}", outside)
     return app

@@ -68,9 +68,13 @@ async def metadata(request: web.Request) -> web.StreamResponse:
             raise tree.BadQuery("wait_for_change on a directory needs recursive=true")
         rendered = tree.render(node, alt=query.get("alt"), recursive=recursive)
         if waiting:
-            await watch.wait(rendered, query, request.app[SHUTDOWN])
+            await watch.wait(rendered, query, request.app[SHUTDOWN], request.app[watch.WAITERS])
     except tree.BadQuery as exc:
         return error_response(400, f"Bad Request: {exc}")
+    except watch.TooManyWaiters:
+        response = error_response(503, "Service Unavailable: too many wait_for_change requests")
+        response.headers["Retry-After"] = "1"
+        return response
     return respond(rendered.body, rendered.content_type, etag=rendered.etag)
 
 
@@ -131,12 +135,14 @@ def _text(text: str) -> web.Response:
 
 
 def _redirect(request: web.Request) -> web.Response:
-    # Real GCE: 301 to the slash form on the Host the client used, keeping the
-    # query (gax-dotnet#410); gsutil and Node's isAvailable depend on it.
-    query = f"?{request.query_string}" if request.query_string else ""
-    location = f"http://{request.host}{request.path}/{query}"
+    # Real GCE: 301 to the slash form, keeping the query (gax-dotnet#410); gsutil
+    # and Node's isAvailable depend on it. A relative reference (RFC 9110 §10.2.2),
+    # not GCE's absolute URL on the client's Host: a Location never echoes Host.
+    # The raw (still percent-encoded) path: decoded, it could carry CR/LF or "//".
+    raw = request.rel_url.raw_path
+    query = f"?{request.rel_url.raw_query_string}" if request.rel_url.raw_query_string else ""
     response = error_response(301, f"{request.path}/")
-    response.headers["Location"] = location
+    response.headers["Location"] = f"{raw}/{query}"
     return response
 
 

@@ -264,8 +264,9 @@ async def test_c12_service_accounts_redirect(
     assert reply.status == 301  # the server answers 301 here, not a 200 listing
     assert_wire(reply)
     assert reply.header("Content-Type") == HTML
-    host = host_header or broker.host
-    assert reply.header("Location") == f"http://{host}{V1}/instance/service-accounts/"
+    # SPEC §8: a relative Location that never echoes the client's Host (clients
+    # resolve it against the URL they asked; metadata-protocol.md §1.9 allows it).
+    assert reply.header("Location") == f"{V1}/instance/service-accounts/"
 
 
 async def test_c13_c14_recursive_account_info(broker: RunningBroker, http: aiohttp.ClientSession) -> None:
@@ -465,7 +466,7 @@ async def test_c33_recursive_without_slash(broker: RunningBroker, http: aiohttp.
     reply = await fetch(http, f"{broker.url}{V1}?recursive=true", headers=H)
     assert reply.status == 301  # the server answers 301 here, not the JSON directly
     assert_wire(reply)
-    assert reply.header("Location") == f"http://{broker.host}{V1}/?recursive=true"
+    assert reply.header("Location") == f"{V1}/?recursive=true"
 
 
 async def test_c34_alt_json_leaf(broker: RunningBroker, http: aiohttp.ClientSession) -> None:

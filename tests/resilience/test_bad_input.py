@@ -81,9 +81,12 @@ class Request:
 
     @property
     def may_get_a_token(self) -> bool:
+        """SPEC §3 and §8: one ``Metadata-Flavor: Google``, a Host naming the broker,
+        no proxy or browser header."""
         flavor = [v.strip(" \t") for k, v in self.headers if k.lower() == "metadata-flavor"]
-        forwarded = any(k.lower() == "x-forwarded-for" for k, _ in self.headers)
-        return "Google" in flavor and not forwarded
+        refused = any(k.lower() in REFUSED_NAMES for k, _ in self.headers)
+        hosts = [v for k, v in self.headers if k.lower() == "host"]
+        return flavor == ["Google"] and not refused and len(hosts) == 1 and hosts[0] in GOOD_HOSTS
 
 
 # Printable ASCII but space: what http.client lets into a request target (no "#": a fragment).
@@ -153,6 +156,31 @@ QUERY_VALUES = [
     "%zz",
     "a,,b,%20,",
 ]
+REFUSED_NAMES = {
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+    "via",
+    "origin",
+    "sec-fetch-site",
+    "sec-fetch-mode",
+}
+GOOD_HOSTS = [
+    "localhost",
+    "127.0.0.1:8988",
+    "Metadata.Google.Internal",
+    "metadata.google.internal.",
+    "[::1]:80",
+]
+BAD_HOSTS = [
+    "rebind.attacker.example",
+    "127.0.0.1.nip.io",
+    "metadata.google.internal.evil",
+    "",
+    "[::2]",
+    "a:b",
+]
 # Framing and hop-by-hop headers would make the request something other than one GET.
 RESERVED = {
     "host",
@@ -193,11 +221,22 @@ flavor = st.lists(
 )
 forwarded = st.lists(
     st.tuples(
-        st.sampled_from(["X-Forwarded-For", "x-forwarded-for"]),
-        st.sampled_from(["203.0.113.9", "127.0.0.1", "", "unknown, 10.0.0.1"]),
+        st.sampled_from(
+            ["X-Forwarded-For", "x-forwarded-for", "X-Real-IP", "Forwarded", "Via", "X-Forwarded-Host"]
+        ),
+        st.sampled_from(["203.0.113.9", "127.0.0.1", "", "unknown, 10.0.0.1", "1.1 wif-broker"]),
     ),
     max_size=1,
 )
+browser = st.lists(
+    st.tuples(
+        st.sampled_from(["Origin", "Sec-Fetch-Site", "sec-fetch-mode"]),
+        st.sampled_from(["null", "http://rebind.attacker.example", "cross-site", "same-origin", "no-cors"]),
+    ),
+    max_size=1,
+)
+# The client's own Host (http.client's is skipped): mostly good, sometimes a rebinding name.
+host = st.one_of(st.sampled_from(GOOD_HOSTS), st.sampled_from(BAD_HOSTS)).map(lambda h: [("Host", h)])
 other = st.lists(
     st.tuples(
         st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=16).filter(lambda n: n.lower() not in RESERVED),
@@ -209,14 +248,16 @@ requests = st.builds(
     lambda method, target, headers: Request(method, target, tuple(headers)),
     st.sampled_from(["GET"] * 6 + ["HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "PROPFIND"]),
     st.builds(lambda p, q: p + q, path, query),
-    st.builds(lambda a, b, c: [*a, *b, *c], flavor, forwarded, other).flatmap(st.permutations),
+    st.builds(
+        lambda *parts: [h for part in parts for h in part], host, flavor, forwarded, browser, other
+    ).flatmap(st.permutations),
 )
 
 
 def send(broker: Background, request: Request) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(broker.host, broker.port, timeout=WAIT)
     try:
-        conn.putrequest(request.method, request.target, skip_accept_encoding=True)
+        conn.putrequest(request.method, request.target, skip_host=True, skip_accept_encoding=True)
         for name, value in request.headers:
             conn.putheader(name, value)
         conn.endheaders()
@@ -245,9 +286,15 @@ def test_no_request_gets_a_5xx_or_an_unearned_token(background: Background, requ
     assert headers.get("Server") == "Metadata Server for VM", headers
     if not request.may_get_a_token:
         assert not has_token(body), (status, body[:300])
+    elif request.method == "GET" and request.target == TOKEN_PATH:
+        # The guard refuses no more than it must: an allowed request gets its token.
+        assert status == 200, (status, body[:300])
+        assert b"ya29." in body
 
 
 def test_the_broker_still_serves_after_the_fuzzing(background: Background) -> None:
-    status, _, body = send(background, Request("GET", TOKEN_PATH, (("Metadata-Flavor", "Google"),)))
+    status, _, body = send(
+        background, Request("GET", TOKEN_PATH, (("Host", "localhost"), ("Metadata-Flavor", "Google")))
+    )
     assert status == 200, body
     assert b"ya29." in body

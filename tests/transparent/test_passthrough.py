@@ -193,11 +193,22 @@ async def test_get_is_relayed_with_path_query_and_end_to_end_headers(
 async def test_the_relay_is_no_open_proxy(relay: RunningBroker, echo: Echo) -> None:
     target = "http://attacker.example:8080/latest/x%2Fy?q=%3A"
     status, _, _ = await raw(
-        relay.host, f"GET {target} HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n"
+        relay.host, f"GET {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
     )
     assert status == 200
     assert echo.seen[-1].raw_path == "/latest/x%2Fy?q=%3A", "only the path and query travel"
     assert echo.headers()["host"] == [echo.url.removeprefix("http://")]
+
+
+async def test_a_foreign_host_is_not_relayed(relay: RunningBroker, echo: Echo) -> None:
+    # SPEC §8: DNS rebinding reaches the pass-through too (a page on a name that
+    # resolves to 169.254.169.254 would read IMDSv1 through the relay).
+    status, headers, _ = await raw(
+        relay.host, "GET /latest/meta-data/ HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 403
+    assert headers["metadata-flavor"] == ["Google"]
+    assert echo.seen == []
 
 
 async def test_trace_is_not_relayed(relay: RunningBroker, echo: Echo) -> None:
@@ -208,7 +219,9 @@ async def test_trace_is_not_relayed(relay: RunningBroker, echo: Echo) -> None:
 
 
 async def test_nothing_is_added_that_the_client_did_not_send(relay: RunningBroker, echo: Echo) -> None:
-    await raw(relay.host, "GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await raw(
+        relay.host, "GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n"
+    )
     sent = echo.headers()
     assert set(sent) <= {"host", "via", "connection", "content-length"}, sent
 

@@ -1,0 +1,252 @@
+"""Connection limits of the listeners (SPEC §8 "connections"), in one place.
+
+Any local process can open sockets to the broker, so what a connection may cost
+is bounded here rather than left to aiohttp's defaults (no head timeout, an
+hour of keep-alive, no connection cap):
+
+* a request head not complete within ``HEAD_TIMEOUT`` (10 s) of the connection
+  opening, or of the first byte of a later request on it → connection closed
+  (slowloris: bytes dribbled forever hold a socket and a parser);
+* an idle keep-alive connection is closed after ``KEEPALIVE_TIMEOUT`` (60 s);
+* beyond ``MAX_CONNECTIONS`` (1,024) open connections a new one gets a bare 503
+  with the GCE headers and is closed at once: the file descriptors left are for
+  upstream calls and the admin probes;
+* accept errors (``EMFILE``, out of file descriptors) are logged at most once a
+  second, without a traceback: asyncio logs each with one otherwise, per
+  listener, for as long as the shortage lasts;
+* the soft ``RLIMIT_NOFILE`` is raised to the hard limit at start (containers
+  often start with 1,024 soft, which the connection cap alone would use up).
+
+Long-polls are bounded where they wait (``watch.py``); a client that hangs up
+frees its slot at once (``handler_cancellation``). The limits are a frozen
+value given to :class:`GuardedRunner`; tests shorten them there (keep-alive),
+never through a user setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+log = logging.getLogger("broker.listener")
+HEAD_TIMEOUT: Final = 10.0
+KEEPALIVE_TIMEOUT: Final = 60.0
+MAX_CONNECTIONS: Final = 1024
+# One connection past the cap is answered this and closed: a client sees why.
+_FULL: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Metadata-Flavor: Google\r\n"
+    b"Server: Metadata Server for VM\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 37\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"Service Unavailable: too many clients"
+)
+_NR_OPEN: Final = 1 << 20
+_ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message (selector_events.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    head_timeout: float = HEAD_TIMEOUT
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+
+
+class GuardedRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections keep :class:`Limits`."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        limits: Limits = Limits(),
+        error_headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # handler_cancellation: a client that hangs up ends its handler, so a dropped
+        # long-poll frees its slot at once (token loads are shielded in the cache and
+        # finish for the other waiters).
+        kwargs.setdefault("handler_cancellation", True)
+        super().__init__(app, keepalive_timeout=limits.keepalive_timeout, **kwargs)
+        self._limits = limits
+        self._error_headers = dict(error_headers or {})
+
+    async def _make_server(self) -> web.Server:
+        # The app's own Server (startup signals run, handler and request factory
+        # made), rebuilt as the subclass that makes guarded protocols.
+        plain = await super()._make_server()
+        return _Server(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            limits=self._limits,
+            error_headers=self._error_headers,
+            **self._kwargs,
+        )
+
+
+class _Server(web.Server):
+    def __init__(self, *args: Any, limits: Limits, error_headers: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.error_headers = error_headers
+        self.open = 0  # connections whose protocol is live (aiohttp's dict lags: it waits for tasks)
+
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
+
+
+class _Protocol(RequestHandler):
+    __slots__ = ("_counted", "_head_timer", "_server")
+
+    def __init__(self, manager: _Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._server = manager
+        self._counted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._server
+        if server.open >= server.limits.max_connections:
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(_FULL)
+            self.force_close()
+            return
+        server.open += 1
+        self._counted = True
+        self._arm()  # the first head is due within head_timeout of the connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._counted:
+            self._server.open -= 1
+            self._counted = False
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()  # a head is complete; the keep-alive timer takes over after the answer
+        elif self._head_timer is None and self.transport is not None:
+            self._arm()  # the first bytes of a later request: its head is due from now
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Requests aiohttp refuses before any handler (a malformed head, HTTP/1.1
+        without Host): the listener's headers (the GCE ones on the metadata
+        listener, SPEC §3) and a fixed body, never aiohttp's, which may quote the
+        request's bytes."""
+        super().handle_error(request, status, exc, message)  # logs; raises if a response began
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        response = web.Response(
+            status=status, text=f"{phrase}\n", content_type="text/plain", headers=self._server.error_headers
+        )
+        response.force_close()
+        return response
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self._loop.call_later(self._server.limits.head_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        log.debug("closed a connection whose request head was incomplete", extra={"event": "head_timeout"})
+        self.force_close()
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (an unprivileged process may)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an infinite RLIMIT_NOFILE; its default ceiling (fs.nr_open) is 2^20.
+    target = _NR_OPEN if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # keep what we have; the connection cap still holds
+            log.warning(
+                "cannot raise the open-files limit",
+                extra={"event": "rlimit", "soft": soft, "hard": hard, "error": str(exc)},
+            )
+
+
+class AcceptErrorLog:
+    """A loop exception handler: accept errors once a second, one line, no traceback.
+
+    Everything else goes to the handler that was there before (asyncio's default).
+    """
+
+    def __init__(self, previous: Any = None, interval: float = 1.0) -> None:
+        self._previous = previous
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if _resume_after_close(context):
+            # asyncio retries accepting 1 s after EMFILE even if the listener was
+            # closed meanwhile (at shutdown) and fails on fd -1: nothing to report.
+            log.debug("accept retry on a closed listener", extra={"event": "accept_error"})
+            return
+        if context.get("message") != _ACCEPT_ERROR:
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = loop.time()  # the loop's monotonic clock; rate limiting, not token expiry
+        if now - self._last < self._interval:
+            self._suppressed += 1
+            return
+        self._last = now
+        exc = context.get("exception")
+        log.error(
+            "cannot accept connections: out of file descriptors or memory",
+            extra={
+                "event": "accept_error",
+                "error": type(exc).__name__ if exc else "",
+                "errno": getattr(exc, "errno", None),
+                "suppressed": self._suppressed,  # repeats not logged in the last interval
+            },
+        )
+        self._suppressed = 0
+
+
+def _resume_after_close(context: dict[str, Any]) -> bool:
+    callback = getattr(context.get("handle"), "_callback", None)
+    return getattr(callback, "__name__", "") == "_start_serving" and isinstance(
+        context.get("exception"), ValueError
+    )
+
+
+def prepare_process(loop: asyncio.AbstractEventLoop) -> None:
+    """Before the listeners open: the fd limit raised, accept errors rate-limited (idempotent)."""
+    raise_fd_limit()
+    previous = loop.get_exception_handler()
+    if not isinstance(previous, AcceptErrorLog):
+        loop.set_exception_handler(AcceptErrorLog(previous))
