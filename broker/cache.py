@@ -16,6 +16,12 @@ clock. Semantics (SPEC §4, reference/style-and-architecture.md §4):
   with capped exponential backoff and jitter; :class:`Denied` evicts. While a key
   has no servable token, its last error is returned until the backoff elapses,
   so a failing upstream is not hammered by retrying clients.
+* Bounded (SPEC §8): at most ``max_entries`` keys, failed and in-flight ones
+  included, least recently used evicted (``keep_warm`` keys never). A miss that
+  would call upstream first takes a token from a :class:`TokenBucket` shared by
+  the caches that call IAM; an empty bucket raises :class:`RateLimited` and calls
+  nothing. ``keep_warm`` keys (the default scope set) bypass the bucket, so no
+  caller can starve the pre-warm or the default token.
 """
 
 from __future__ import annotations
@@ -23,15 +29,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker import metrics
 from broker.clock import Clock
-from broker.errors import BrokerError, Denied, Step, Transient
+from broker.errors import BrokerError, Denied, RateLimited, Step, Transient
 from broker.tokens import Token
 
 K = TypeVar("K", bound=Hashable)
@@ -55,6 +63,31 @@ class Policy:
     retry_after_cap: float = 300.0
 
 
+class TokenBucket:
+    """``rate`` upstream-bound misses per second, ``burst`` at once (SPEC §8 ``upstream-rate``).
+
+    Refilled lazily from the clock on each take, so it owns no task. Shared by
+    every cache whose misses reach IAM: distinct scope sets and audiences draw
+    from one budget, whichever a caller varies."""
+
+    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._level = burst
+        self._at = clock.wall()
+
+    def take(self) -> float:
+        """0 when a token was taken; else the seconds until one will be available."""
+        now = self._clock.wall()
+        self._level = min(self._burst, self._level + max(now - self._at, 0.0) * self._rate)
+        self._at = now
+        if self._level >= 1.0:
+            self._level -= 1.0
+            return 0.0
+        return (1.0 - self._level) / self._rate
+
+
 @dataclass(slots=True)
 class _Entry:
     token: Token | None = None
@@ -76,6 +109,8 @@ class TokenCache(Generic[K]):
         *,
         keep_warm: Callable[[K], bool] = lambda key: False,
         rng: random.Random | None = None,
+        max_entries: int | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self._kind = kind
         self._step = step  # named in the error when a loaded token is too short-lived
@@ -84,13 +119,19 @@ class TokenCache(Generic[K]):
         self._policy = policy
         self._keep_warm = keep_warm
         self._rng = rng or random.Random()
-        self._entries: dict[K, _Entry] = {}
+        self._max_entries = max_entries
+        self._bucket = bucket
+        # Insertion order is recency order: hits move a key to the end, eviction takes the front.
+        self._entries: OrderedDict[K, _Entry] = OrderedDict()
         self._inflight: dict[K, asyncio.Task[Token]] = {}
         self._refreshers: dict[K, asyncio.Task[None]] = {}
         self._closed = False
         # Counter cells resolved once: hit() is on every request's path.
         self._lookups = {r: metrics.CACHE_LOOKUPS.cell(kind.value, r.value) for r in metrics.CacheResult}
         self._stale = metrics.STALE_SERVED.labels(kind=kind.value)
+        self._evictions = metrics.CACHE_EVICTIONS.labels(kind=kind.value)
+        self._limited = metrics.RATE_LIMITED.labels(kind=kind.value)
+        self._aborting = False
         ref = weakref.ref(self)
         metrics.EXPIRY.sources[kind] = lambda: c.soonest_expiry() if (c := ref()) else None
 
@@ -115,6 +156,8 @@ class TokenCache(Generic[K]):
         if self._clock.wall() >= entry.token.expires_at - self._policy.min_serve_ttl:
             return None
         entry.used = True
+        if self._max_entries is not None:
+            self._entries.move_to_end(key)
         self._lookups[metrics.CacheResult.HIT].value += 1
         if entry.failures:
             self._stale.inc()
@@ -130,9 +173,58 @@ class TokenCache(Generic[K]):
             self._count(metrics.CacheResult.JOINED)
             return await asyncio.shield(task)
         if entry and entry.last_error and self._clock.wall() < entry.retry_at:
+            if self._max_entries is not None:
+                self._entries.move_to_end(key)
             raise entry.last_error
+        if self._bucket is not None and not self._keep_warm(key):
+            wait = self._bucket.take()
+            if wait:
+                self._limited.inc()
+                raise RateLimited(
+                    self._step,
+                    "too many distinct token requests; upstream calls are rate limited",
+                    fix="reuse scope sets and audiences, or raise upstream-rate",
+                    retry_after=float(max(1, math.ceil(wait))),
+                )
         self._count(metrics.CacheResult.MISS)
+        if entry is None:
+            # Inside the cap from the start: an in-flight or failed key holds a slot too.
+            self._entries[key] = _Entry()
+            self._evict()
+        elif self._max_entries is not None:
+            self._entries.move_to_end(key)
         return await asyncio.shield(self._start_load(key))
+
+    def retry_at(self, key: K) -> float:
+        """When a failed key may next call upstream (0 when it has not failed)."""
+        entry = self._entries.get(key)
+        return entry.retry_at if entry and entry.last_error else 0.0
+
+    def busy(self, key: K) -> bool:
+        """A load of ``key`` is running or scheduled (refresh or retry)."""
+        return key in self._inflight or key in self._refreshers
+
+    def any_servable(self) -> bool:
+        limit = self._clock.wall() + self._policy.min_serve_ttl
+        return any(e.token is not None and e.token.expires_at > limit for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _evict(self) -> None:
+        if self._max_entries is None or len(self._entries) <= self._max_entries:
+            return
+        for key in list(self._entries):
+            if len(self._entries) <= self._max_entries:
+                break
+            if self._keep_warm(key):
+                continue
+            del self._entries[key]
+            refresher = self._refreshers.pop(key, None)
+            if refresher is not None:
+                refresher.cancel()
+            self._evictions.inc()
+        self._publish()
 
     def soonest_expiry(self) -> float | None:
         expiries = [e.token.expires_at for e in self._entries.values() if e.token]
@@ -161,8 +253,15 @@ class TokenCache(Generic[K]):
                     f"not more than min-serve-ttl ({self._policy.min_serve_ttl:.0f}s)",
                     fix="lower min-serve-ttl or raise the token lifetime",
                 )
+        except asyncio.CancelledError:
+            if not self._aborting:
+                raise
+            # Draining (SIGTERM): callers get a 503 naming the step, not a reset connection.
+            raise Transient(self._step, "the broker is shutting down", fix="retry") from None
         except BrokerError as exc:
-            entry = self._entries.setdefault(key, _Entry())
+            entry = self._entries.get(key)
+            if entry is None:  # evicted while loading: nothing to remember
+                raise
             entry.failures += 1
             entry.last_error = exc
             entry.retry_at = started + self._backoff(entry.failures, exc.retry_after)
@@ -170,7 +269,12 @@ class TokenCache(Generic[K]):
                 entry.token = None
             self._publish()
             raise
-        entry = self._entries.setdefault(key, _Entry())
+        entry = self._entries.get(key)
+        if entry is None:
+            if self._max_entries is None:
+                entry = self._entries[key] = _Entry()
+            else:
+                return token  # evicted while loading: the waiting callers still get it
         first = entry.token is None
         entry.token, entry.failures, entry.last_error = token, 0, None
         entry.refresh_at = self._refresh_at(token, started, first=first)
@@ -263,6 +367,12 @@ class TokenCache(Generic[K]):
     def _publish(self) -> None:
         held = sum(1 for e in self._entries.values() if e.token)
         metrics.CACHED_TOKENS.labels(kind=self._kind.value).set(held)
+
+    def abort_loads(self) -> None:
+        """Fail every running load with a Transient error (drain after SIGTERM)."""
+        self._aborting = True
+        for task in list(self._inflight.values()):
+            task.cancel()
 
     async def close(self) -> None:
         """Cancel and await every task this cache owns."""

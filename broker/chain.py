@@ -9,14 +9,16 @@ and the caller's scopes go to generateAccessToken only.
 from __future__ import annotations
 
 import logging
+import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
 
 from broker import diagnosis, iam, logs, metrics, sts
-from broker.cache import Policy, TokenCache
+from broker.cache import Policy, TokenBucket, TokenCache
 from broker.clock import Clock
 from broker.errors import BrokerError, Denied, Step, Transient
 from broker.settings import Settings
@@ -34,6 +36,7 @@ UPSTREAM_OF_STEP = {
     Step.AWS: metrics.Upstream.AWS,
     Step.AZURE: metrics.Upstream.AZURE,
 }
+WARM_RETRY_CAP = 30.0  # SPEC §8: the pre-warm tries again at most this many seconds apart
 
 
 class TokenChain:
@@ -49,7 +52,13 @@ class TokenChain:
         self._session = session
         self._clock = clock
         self._context = diagnosis.Context(settings.cred.audience, settings.service_account_email)
+        self._ready_once = False  # readiness latches after the first servable default token
+        self._warming = False
+        self._degraded_logged = False
         policy = Policy(refresh_before=settings.refresh_before, min_serve_ttl=settings.min_serve_ttl)
+        # One budget for every miss that reaches IAM (or STS without impersonation): scope
+        # sets and audiences alike, so varying either buys a caller nothing.
+        bucket = TokenBucket(settings.upstream_rate, 2 * settings.upstream_rate, clock)
         self._federated = TokenCache[FederatedKey](
             metrics.Kind.FEDERATED, Step.STS, self._load_federated, clock, policy, keep_warm=lambda k: True
         )
@@ -61,8 +70,22 @@ class TokenChain:
             clock,
             policy,
             keep_warm=lambda scopes: scopes == settings.scopes,
+            max_entries=settings.max_scope_sets,
+            bucket=bucket,
         )
-        self._id = TokenCache[IdTokenKey](metrics.Kind.ID, Step.IAM_ID, self._load_id, clock, policy)
+        self._id = TokenCache[IdTokenKey](
+            metrics.Kind.ID,
+            Step.IAM_ID,
+            self._load_id,
+            clock,
+            policy,
+            max_entries=settings.max_audiences,
+            bucket=bucket,
+        )
+        ref = weakref.ref(self)
+        metrics.DEFAULT_SERVABLE.set_function(
+            lambda: 1.0 if (c := ref()) and c._access.servable(c.settings.scopes) else 0.0
+        )
 
     # -- what handlers call --------------------------------------------------------
 
@@ -84,17 +107,86 @@ class TokenChain:
         return await self._id.get(key)
 
     async def warm(self) -> None:
-        """Mint the default access token so /readyz turns green before apps start."""
+        """Mint the default access token so /readyz turns green before apps start.
+
+        Retries until it succeeds (SPEC §8): while a pod's network comes up STS is
+        often unreachable, and no client can ask for a token before the sidecar is
+        ready, so a single attempt could leave it unready until the kubelet kills it.
+        Wakes when the cache allows the next upstream call (its capped backoff, or an
+        upstream's Retry-After), and at least every WARM_RETRY_CAP seconds."""
+        default = self.settings.scopes
+        self._warming = True
+        rng = random.Random()
+        failures = 0
         try:
-            await self.access_token(self.settings.scopes)
-        except BrokerError as exc:
-            log.error("pre-warm failed", extra={"event": "prewarm", "error": exc.describe()})
+            while True:
+                # With impersonation the federated token is fetched first, on its own: an
+                # access load that only replays the federated cache's error would double the
+                # access key's backoff too, and two stacked backoffs exceed the cap.
+                failing: TokenCache[FederatedKey] | TokenCache[ScopeSet] = self._federated
+                try:
+                    if self.settings.impersonating:
+                        await self._federated.get(FederatedKey(STS_SCOPES))
+                    failing = self._access
+                    await self._access.get(default)
+                except BrokerError as exc:
+                    failures += 1
+                    now = self._clock.wall()
+                    retry_at = (
+                        self._federated.retry_at(FederatedKey(STS_SCOPES))
+                        if failing is self._federated
+                        else self._access.retry_at(default)
+                    )
+                    if retry_at <= now:  # e.g. an error nothing recorded: own capped backoff
+                        backoff = min(WARM_RETRY_CAP, 2.0 ** min(failures - 1, 8))
+                        retry_at = now + backoff * rng.uniform(0.5, 1)
+                    retry_at = min(retry_at, now + WARM_RETRY_CAP)
+                    log.error(
+                        "pre-warm failed; retrying",
+                        extra={
+                            "event": "prewarm",
+                            "attempt": failures,
+                            "retry_in": round(retry_at - now, 1),
+                            "error": exc.describe(),
+                        },
+                    )
+                    await self._clock.sleep_until(retry_at)
+                    continue
+                self._ready_once = True
+                if failures:
+                    log.info("pre-warm succeeded", extra={"event": "prewarm", "attempt": failures + 1})
+                return
+        finally:
+            self._warming = False
 
     def readiness(self) -> tuple[bool, str]:
-        if self._access.servable(self.settings.scopes):
+        default = self.settings.scopes
+        if self._access.servable(default):
+            self._ready_once = True
+            self._degraded_logged = False
             return True, "default access token is cached and servable"
-        error = self._access.last_error(self.settings.scopes)
-        return False, error.describe() if error else "default access token not minted yet"
+        error = self._access.last_error(default)
+        reason = error.describe() if error else "default access token not minted yet"
+        if not self._ready_once:
+            return False, reason
+        # Latched (SPEC §8): once ready, an upstream outage is a metric and a log line,
+        # not a failed probe that makes Kubernetes or ECS restart the sidecar and add load
+        # to the outage. Unready again only when nothing is servable and nothing retries.
+        retrying = self._warming or self._access.busy(default)
+        if retrying or self._access.any_servable() or self._id.any_servable():
+            if not self._degraded_logged:
+                self._degraded_logged = True
+                log.warning(
+                    "default token not servable; staying ready while the refresh retries",
+                    extra={"event": "degraded", "error": reason},
+                )
+            return True, f"degraded, retrying: {reason}"
+        return False, reason
+
+    def abort_loads(self) -> None:
+        """Fail every running upstream load with a 503 (the drain deadline passed)."""
+        for cache in (self._access, self._id, self._federated):
+            cache.abort_loads()
 
     async def close(self) -> None:
         for cache in (self._access, self._id, self._federated):

@@ -65,6 +65,11 @@ class Denied(BrokerError):
     """Permanent until an operator changes configuration or IAM policy."""
 
 
+class RateLimited(BrokerError):
+    """Refused before any upstream call: the broker's own budget for cache misses is spent
+    (SPEC §8 ``upstream-rate``). ``retry_after`` says when the next one will be allowed."""
+
+
 class ConfigError(Exception):
     """Invalid configuration; the CLI prints it as one line and exits 2."""
 

@@ -10,7 +10,8 @@
 * Outside ``/computeMetadata/`` (the catch-all: 404, or the IMDS pass-through of
   transparent mode, ``passthrough.py``) only the ``X-Forwarded-For`` rule applies:
   any method, no flavor check. Unknown paths are 404 whatever the method.
-* :class:`BrokerError` → 503 (transient) or 403/404 (denied), body redacted.
+* :class:`BrokerError` → 503 (transient) or 403/404 (denied), body redacted;
+  :class:`RateLimited` → 429 with ``Retry-After`` in whole seconds.
 
 This is a handler wrapper rather than an aiohttp middleware: the route table
 ends in a catch-all, so every request reaches a wrapped handler anyway, and
@@ -29,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from broker import logs, metrics
-from broker.errors import BrokerError, Transient
+from broker.errors import BrokerError, RateLimited, Transient
 from broker.metadata.tree import JSON, TEXT
 
 log = logging.getLogger("broker.metadata")
@@ -83,6 +84,8 @@ def gce_wire(
             response = error_response(_status_of(exc), logs.redact(exc.describe()), html=False)
             if isinstance(exc, Transient):
                 response.headers["Retry-After"] = "1"
+            elif isinstance(exc, RateLimited):
+                response.headers["Retry-After"] = str(max(1, int(exc.retry_after or 1)))
         except Exception:
             log.exception("unhandled error in metadata handler", extra={"event": "internal_error"})
             response = error_response(500, "Internal error")
@@ -113,6 +116,8 @@ def _refusal(request: web.Request, gce_rules: bool = True) -> web.Response | Non
 
 
 def _status_of(exc: BrokerError) -> int:
+    if isinstance(exc, RateLimited):
+        return 429
     if isinstance(exc, Transient):
         return 503
     return 404 if exc.upstream_status == 404 else 403
