@@ -19,9 +19,10 @@ from broker import httpclient
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
+from broker.errors import BrokerError
 from broker.metadata.app import create_metadata_app
 from broker.settings import Settings
-from broker.sources import build_source
+from broker.sources import SubjectTokenSource, build_source
 
 log = logging.getLogger("broker.daemon")
 DRAIN_SECONDS = 8.0  # SPEC §3: exit within 10 s of SIGTERM
@@ -97,10 +98,7 @@ async def serve(
         )
         if on_listening is not None:
             await on_listening(addresses, admin_addresses)
-        # Only the default token is warmed: describing the native identity (AWS
-        # GetCallerIdentity) is an outbound call the chain never needs, and it hangs in
-        # a private subnet without an STS endpoint; `check` does it (SPEC §8).
-        warm = asyncio.create_task(chain.warm())
+        warm = asyncio.create_task(_warm_and_describe(chain, source))
         await stop.wait()
         log.info("draining", extra={"event": "stop"})
         shutdown.set()  # release wait_for_change long-polls
@@ -108,6 +106,26 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await warm
     log.info("stopped", extra={"event": "stopped"})
+
+
+async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> None:
+    await chain.warm()
+    # SPEC §8: run contacts only the subject-token source, STS and IAM. Describing an
+    # AWS principal takes a GetCallerIdentity call to AWS STS, which the chain never
+    # needs and which hangs in a private subnet without an STS endpoint: only `check`
+    # does that. The other sources describe what they fetch anyway (a token's claims).
+    if source.kind == "aws":
+        return
+    # Logged once: the identity Google sees, so an operator can compare it with
+    # the provider's issuer/audience or the IAM binding without running check.
+    try:
+        seen = await source.describe()
+    except BrokerError as exc:
+        log.warning(
+            "cannot describe the native identity", extra={"event": "identity", "error": exc.describe()}
+        )
+        return
+    log.info("native identity", extra={"event": "identity", "kind": source.kind, **seen})
 
 
 def _fmt(address: object) -> str:
