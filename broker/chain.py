@@ -196,7 +196,7 @@ class TokenChain:
 
     async def _subject_token(self) -> str:
         subject = await self._timed(Step.SUBJECT_TOKEN, self._source.subject_token)
-        logs.remember_secret(subject)
+        logs.remember_subject_token(subject)
         return subject
 
     async def _exchange(self, scopes: ScopeSet) -> Token:

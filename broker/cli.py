@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(envbundle.render(settings.parse_address("listen", listen), args.format))
             return 0
         resolved = settings.build(flags)
-        logs.setup_logging(resolved.log_level, resolved.log_format)
+        logs.setup_logging(resolved.log_level, resolved.log_format, resolved.log_level_third_party)
         if args.command == "check":
             from broker.check import run_check
 
