@@ -165,7 +165,9 @@ class TokenChain:
             self._ready_once = True
             self._degraded_logged = False
             return True, "default access token is cached and servable"
-        error = self._access.last_error(default)
+        # The pre-warm asks for the federated token on its own first, so its error may be
+        # the only one recorded.
+        error = self._access.last_error(default) or self._federated.last_error(FederatedKey(STS_SCOPES))
         reason = error.describe() if error else "default access token not minted yet"
         if not self._ready_once:
             return False, reason

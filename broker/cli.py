@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from broker import __version__, daemon, envbundle, logs, settings
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ReloadError
 
 COMMANDS = ("run", "demo", "check", "env")
 
@@ -75,10 +75,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             from broker.check import run_check
 
             return asyncio.run(run_check(resolved))
-        asyncio.run(daemon.serve(resolved))
+        asyncio.run(daemon.serve(resolved, reload=_reloader(flags)))
         return 0
     except ConfigError as exc:
         print(f"wif-broker: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _reloader(flags: dict[str, object]) -> Callable[[], settings.Settings]:
+    """What SIGHUP runs: the same flags and environment, the files read again."""
+
+    def reload() -> settings.Settings:
+        try:
+            fresh = settings.build(flags)
+        except ConfigError as exc:
+            raise ReloadError(_file_of(exc, flags), str(exc)) from None
+        logs.setup_logging(fresh.log_level, fresh.log_format, fresh.log_level_third_party)
+        return fresh
+
+    return reload
+
+
+def _file_of(exc: ConfigError, flags: dict[str, object]) -> str:
+    """The file a reload error comes from: the TOML for a setting, else the credential file."""
+    config = flags.get("config") or os.environ.get(settings.ENV_PREFIX + "CONFIG")
+    if config and (exc.name == "config" or (exc.name in settings.NAMES and exc.name != "credentials")):
+        return str(config)
+    credentials = (
+        flags.get("credentials")
+        or os.environ.get(settings.ENV_PREFIX + "CREDENTIALS")
+        or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    )
+    return str(credentials or config or "credentials")

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -19,13 +21,14 @@ from broker import httpclient
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError, ReloadError
 from broker.metadata.app import create_metadata_app
 from broker.settings import Settings
 from broker.sources import SubjectTokenSource, build_source
 
 log = logging.getLogger("broker.daemon")
 DRAIN_SECONDS = 8.0  # SPEC §3: exit within 10 s of SIGTERM
+LOAD_DRAIN_SECONDS = 5.0  # SPEC §8: in-flight upstream loads are failed (503) after this
 
 
 class _MalformedRequests(logging.Filter):
@@ -47,65 +50,202 @@ class _MalformedRequests(logging.Filter):
 _MALFORMED = _MalformedRequests()
 
 
+@dataclass(frozen=True)
+class _Serving:
+    """One configuration being served: its chain and the two listeners over it."""
+
+    settings: Settings
+    source: SubjectTokenSource
+    chain: TokenChain
+    admin: web.AppRunner
+    metadata: web.AppRunner
+    warm: asyncio.Task[None]
+
+
 async def serve(
     settings: Settings,
     *,
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     on_listening: Callable[[list[str], list[str]], Awaitable[None]] | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return.
+
+    SIGHUP calls ``reload`` (re-reads the settings and credential files, in a worker
+    thread) and, when that succeeds, serves the new configuration on the same
+    addresses; a :class:`ReloadError` leaves the running one in place (SPEC §8)."""
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
+    hangup = asyncio.Event()
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # adding it twice is a no-op
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, hangup)):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, event.set)
     shutdown = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         session = httpclient.new_session()
         stack.push_async_callback(session.close)
-        source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
-        stack.push_async_callback(source.close)
-        chain = TokenChain(settings, source, session, clock)
-        stack.push_async_callback(chain.close)
-        admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
-        await admin.setup()
-        stack.push_async_callback(admin.cleanup)
-        await web.TCPSite(admin, settings.admin_listen.host, settings.admin_listen.port).start()
-        runner = web.AppRunner(
-            create_metadata_app(settings, chain, clock, shutdown),
-            access_log=None,
-            shutdown_timeout=DRAIN_SECONDS,
-        )
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        for address in settings.listen:
-            await web.TCPSite(runner, address.host, address.port, backlog=1024).start()
-        addresses = [_fmt(a) for a in runner.addresses]
-        admin_addresses = [_fmt(a) for a in admin.addresses]
-        log.info(
-            "listening",
-            extra={
-                "event": "start",
-                "metadata": ",".join(addresses),
-                "admin": ",".join(admin_addresses),
-                "account": settings.email,
-                "project": settings.project_id,
-                "source": type(settings.cred.source).__name__,
-            },
-        )
+        serving = await _start(settings, session, clock, shutdown, None)
+        addresses = [_fmt(a) for a in serving.metadata.addresses]
+        admin_addresses = [_fmt(a) for a in serving.admin.addresses]
         if on_listening is not None:
             await on_listening(addresses, admin_addresses)
-        warm = asyncio.create_task(_warm_and_describe(chain, source))
-        await stop.wait()
-        log.info("draining", extra={"event": "stop"})
-        shutdown.set()  # release wait_for_change long-polls
-        warm.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await warm
+        retiring: set[asyncio.Task[None]] = set()
+        chains = [serving.chain]  # every chain still draining or serving, for the abort below
+        try:
+            while not stop.is_set():
+                await _first_of(stop, hangup)
+                if hangup.is_set() and not stop.is_set():
+                    hangup.clear()
+                    replaced = await _reload(serving, reload, session, clock, shutdown)
+                    if replaced is not serving:
+                        chains.append(replaced.chain)
+                        # The old listeners drain in the background while the new ones serve.
+                        task = asyncio.create_task(_stop(serving))
+                        retiring.add(task)
+                        task.add_done_callback(retiring.discard)
+                        serving = replaced
+        finally:
+            log.info("draining", extra={"event": "stop"})
+            shutdown.set()  # release wait_for_change long-polls
+            # In-flight upstream loads get LOAD_DRAIN_SECONDS to finish; then they fail with
+            # a 503 naming the step, so a hung upstream cannot hold the exit past 10 s.
+            abort = loop.call_later(LOAD_DRAIN_SECONDS, _abort_loads, chains)
+            try:
+                await _stop(serving)
+                for task in list(retiring):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            finally:
+                abort.cancel()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def _abort_loads(chains: list[TokenChain]) -> None:
+    for chain in chains:
+        chain.abort_loads()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _start(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    shutdown: asyncio.Event,
+    bound: tuple[list[tuple[str, int]], tuple[str, int]] | None,
+) -> _Serving:
+    """Build the chain, start admin then metadata listeners, start the pre-warm.
+
+    ``bound``: the addresses to listen on instead of the settings' (a reload with the
+    same listen settings reuses the ports actually bound, which matters for port 0)."""
+    source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
+    chain = TokenChain(settings, source, session, clock)
+    admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
+    metadata = web.AppRunner(
+        create_metadata_app(settings, chain, clock, shutdown), access_log=None, shutdown_timeout=DRAIN_SECONDS
+    )
+    try:
+        await admin.setup()
+        admin_at = bound[1] if bound else (settings.admin_listen.host, settings.admin_listen.port)
+        await web.TCPSite(admin, *admin_at).start()
+        await metadata.setup()
+        listen = bound[0] if bound else [(a.host, a.port) for a in settings.listen]
+        for host, port in listen:
+            await web.TCPSite(metadata, host, port, backlog=1024).start()
+    except BaseException:
+        await metadata.cleanup()
+        await admin.cleanup()
+        await chain.close()
+        await source.close()
+        raise
+    log.info(
+        "listening",
+        extra={
+            "event": "start",
+            "metadata": ",".join(_fmt(a) for a in metadata.addresses),
+            "admin": ",".join(_fmt(a) for a in admin.addresses),
+            "account": settings.email,
+            "project": settings.project_id,
+            "source": type(settings.cred.source).__name__,
+        },
+    )
+    warm = asyncio.create_task(_warm_and_describe(chain, source))
+    return _Serving(settings, source, chain, admin, metadata, warm)
+
+
+async def _stop(serving: _Serving) -> None:
+    serving.warm.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving.warm
+    await serving.metadata.cleanup()
+    await serving.admin.cleanup()
+    await serving.chain.close()
+    await serving.source.close()
+
+
+async def _reload(
+    serving: _Serving,
+    reload: Callable[[], Settings] | None,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    shutdown: asyncio.Event,
+) -> _Serving:
+    """SIGHUP: the new configuration's listeners, or ``serving`` itself when nothing changes."""
+    if reload is None:
+        log.warning("SIGHUP ignored: this command has no files to re-read", extra={"event": "reload"})
+        return serving
+    try:
+        fresh = await asyncio.to_thread(reload)
+    except ReloadError as exc:
+        # One line naming the file; the running configuration stays.
+        log.error(
+            "reload failed; still serving the previous configuration",
+            extra={"event": "reload", "outcome": "error", "file": exc.file, "error": exc.problem},
+        )
+        return serving
+    old = serving.settings
+    was_bound = ([_host_port(a) for a in serving.metadata.addresses], _host_port(serving.admin.addresses[0]))
+    same_listen = fresh.listen == old.listen and fresh.admin_listen == old.admin_listen
+    # Free the addresses for the new listeners; connections already open keep being
+    # served by the old runner until it is cleaned up (in the background).
+    for site in [*serving.metadata.sites, *serving.admin.sites]:
+        await site.stop()
+    try:
+        replaced = await _start(fresh, session, clock, shutdown, was_bound if same_listen else None)
+    except (OSError, BrokerError, ConfigError) as exc:
+        log.error(
+            "reload failed: cannot start the new listeners; back on the previous ones",
+            extra={"event": "reload", "outcome": "error", "error": str(exc)},
+        )
+        for host, port in was_bound[0]:
+            await web.TCPSite(serving.metadata, host, port, backlog=1024).start()
+        await web.TCPSite(serving.admin, *was_bound[1]).start()
+        return serving
+    log.info(
+        "reloaded",
+        extra={
+            "event": "reload",
+            "outcome": "ok",
+            "account": fresh.email,
+            "identity_changed": fresh.email != old.email or fresh.cred != old.cred,
+        },
+    )
+    return replaced
+
+
+def _host_port(address: object) -> tuple[str, int]:
+    assert isinstance(address, tuple)
+    return str(address[0]), int(address[1])
 
 
 async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> None:

@@ -77,3 +77,12 @@ class ConfigError(Exception):
         self.name = name
         self.problem = problem
         super().__init__(f"{name}: {problem}")
+
+
+class ReloadError(Exception):
+    """SIGHUP could not re-read a file; the daemon keeps its running configuration."""
+
+    def __init__(self, file: str, problem: str) -> None:
+        self.file = file  # the settings (TOML) or credential file that failed
+        self.problem = problem
+        super().__init__(f"{file}: {problem}")
