@@ -217,7 +217,9 @@ async def _reload(
     was_bound = ([_host_port(a) for a in serving.metadata.addresses], _host_port(serving.admin.addresses[0]))
     same_listen = fresh.listen == old.listen and fresh.admin_listen == old.admin_listen
     # Free the addresses for the new listeners; connections already open keep being
-    # served by the old runner until it is cleaned up (in the background).
+    # served by the old runner until it is cleaned up (in the background). Known gap: a
+    # connection still in the old socket's accept queue when it closes may go
+    # unanswered (Linux does not hand it to the new socket); clients time out and retry.
     for site in [*serving.metadata.sites, *serving.admin.sites]:
         await site.stop()
     try:
