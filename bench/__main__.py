@@ -3,6 +3,9 @@
 ``python -m bench resilience [...]`` runs the long resilience benchmarks instead
 (``bench/resilience.py``; writes docs/resilience.md).
 
+``python -m bench abuse [...]`` floods one broker with distinct audiences, scope
+sets and half-open connections (``bench/abuse.py``; SPEC §8).
+
 ``python -m bench nginx [...]`` measures the broker and the aiohttp baseline
 against nginx serving the same JSON from a file (``bench/nginx.py``; writes
 docs/performance-nginx.md).
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import resilience
 
         return resilience.main(given[1:])
+    if given[:1] == ["abuse"]:
+        from bench import abuse
+
+        return abuse.main(given[1:])
     if given[:1] == ["nginx"]:
         from bench import nginx
 
