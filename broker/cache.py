@@ -16,12 +16,10 @@ clock. Semantics (SPEC §4, reference/style-and-architecture.md §4):
   with capped exponential backoff and jitter; :class:`Denied` evicts. While a key
   has no servable token, its last error is returned until the backoff elapses,
   so a failing upstream is not hammered by retrying clients.
-* Bounded (SPEC §8): at most ``max_entries`` keys, failed and in-flight ones
-  included, least recently used evicted (``keep_warm`` keys never). A miss that
-  would call upstream first takes a token from a :class:`TokenBucket` shared by
-  the caches that call IAM; an empty bucket raises :class:`RateLimited` and calls
-  nothing. ``keep_warm`` keys (the default scope set) bypass the bucket, so no
-  caller can starve the pre-warm or the default token.
+* Bounded (SPEC §8): at most ``max_entries`` keys (failed and in-flight ones too),
+  least recently used evicted; a miss first takes from a shared :class:`TokenBucket`
+  (empty: :class:`RateLimited`, nothing called). ``keep_warm`` keys are never
+  evicted nor charged, so no caller can starve the default token.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import weakref
 from collections import OrderedDict
@@ -38,54 +35,14 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker import metrics
+from broker.cachepolicy import Policy, TokenBucket
 from broker.clock import Clock
 from broker.errors import BrokerError, Denied, RateLimited, Step, Transient
 from broker.tokens import Token
 
+__all__ = ["Policy", "TokenBucket", "TokenCache"]
 K = TypeVar("K", bound=Hashable)
 log = logging.getLogger("broker.cache")
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    refresh_before: float = 600
-    min_serve_ttl: float = 300
-    jitter_fraction: float = 0.1  # of the token lifetime, subtracted at random from refresh_at
-    # Brokers rolled out together mint together. Jitter of one lifetime spreads their
-    # refreshes only a few minutes, and later draws widen that like a random walk
-    # (weeks to even out): bench/fleet.py measured peak/mean 7.6 per minute for 10,000
-    # brokers. Drawing the first refresh uniformly over the whole window gives the herd
-    # even phases at once (1.2), for about one extra call per key per process start.
-    spread_first_refresh: bool = True
-    first_refresh_floor: float = 60.0  # not sooner than this after the mint (or half the window)
-    backoff_base: float = 1.0
-    backoff_cap: float = 30.0
-    retry_after_cap: float = 300.0
-
-
-class TokenBucket:
-    """``rate`` upstream-bound misses per second, ``burst`` at once (SPEC §8 ``upstream-rate``).
-
-    Refilled lazily from the clock on each take, so it owns no task. Shared by
-    every cache whose misses reach IAM: distinct scope sets and audiences draw
-    from one budget, whichever a caller varies."""
-
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._level = burst
-        self._at = clock.wall()
-
-    def take(self) -> float:
-        """0 when a token was taken; else the seconds until one will be available."""
-        now = self._clock.wall()
-        self._level = min(self._burst, self._level + max(now - self._at, 0.0) * self._rate)
-        self._at = now
-        if self._level >= 1.0:
-            self._level -= 1.0
-            return 0.0
-        return (1.0 - self._level) / self._rate
 
 
 @dataclass(slots=True)
@@ -156,8 +113,7 @@ class TokenCache(Generic[K]):
         if self._clock.wall() >= entry.token.expires_at - self._policy.min_serve_ttl:
             return None
         entry.used = True
-        if self._max_entries is not None:
-            self._entries.move_to_end(key)
+        self._entries.move_to_end(key)  # recency, for the cap
         self._lookups[metrics.CacheResult.HIT].value += 1
         if entry.failures:
             self._stale.inc()
@@ -173,25 +129,20 @@ class TokenCache(Generic[K]):
             self._count(metrics.CacheResult.JOINED)
             return await asyncio.shield(task)
         if entry and entry.last_error and self._clock.wall() < entry.retry_at:
-            if self._max_entries is not None:
-                self._entries.move_to_end(key)
+            self._entries.move_to_end(key)
             raise entry.last_error
         if self._bucket is not None and not self._keep_warm(key):
-            wait = self._bucket.take()
-            if wait:
+            try:
+                self._bucket.take_or_refuse(self._step)
+            except RateLimited:
                 self._limited.inc()
-                raise RateLimited(
-                    self._step,
-                    "too many distinct token requests; upstream calls are rate limited",
-                    fix="reuse scope sets and audiences, or raise upstream-rate",
-                    retry_after=float(max(1, math.ceil(wait))),
-                )
+                raise
         self._count(metrics.CacheResult.MISS)
         if entry is None:
             # Inside the cap from the start: an in-flight or failed key holds a slot too.
             self._entries[key] = _Entry()
             self._evict()
-        elif self._max_entries is not None:
+        else:
             self._entries.move_to_end(key)
         return await asyncio.shield(self._start_load(key))
 
@@ -220,8 +171,7 @@ class TokenCache(Generic[K]):
             if self._keep_warm(key):
                 continue
             del self._entries[key]
-            refresher = self._refreshers.pop(key, None)
-            if refresher is not None:
+            if (refresher := self._refreshers.pop(key, None)) is not None:
                 refresher.cancel()
             self._evictions.inc()
         self._publish()
@@ -329,35 +279,25 @@ class TokenCache(Generic[K]):
 
     async def _refresh_once(self, key: K) -> None:
         task = self._inflight.get(key) or self._start_load(key)
+        outcome: metrics.Outcome = metrics.Outcome.OK
+        error: BrokerError | None = None
         try:
             await asyncio.shield(task)
         except Denied as exc:
-            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.DENIED.value).inc()
-            log.error(
-                "refresh denied; token evicted",
-                extra={
-                    "event": "refresh",
-                    "kind": self._kind.value,
-                    "outcome": "denied",
-                    "error": exc.describe(),
-                },
-            )
+            outcome, error = metrics.Outcome.DENIED, exc
             self._entries.pop(key, None)
             self._publish()
         except BrokerError as exc:
-            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.TRANSIENT.value).inc()
-            log.warning(
-                "refresh failed; serving the cached token while it is valid",
-                extra={
-                    "event": "refresh",
-                    "kind": self._kind.value,
-                    "outcome": "transient",
-                    "error": exc.describe(),
-                },
-            )
+            outcome, error = metrics.Outcome.TRANSIENT, exc
+        metrics.REFRESHES.labels(kind=self._kind.value, outcome=outcome.value).inc()
+        extra = {"event": "refresh", "kind": self._kind.value, "outcome": outcome.value}
+        if error is None:
+            log.info("token refreshed", extra=extra)
+        elif outcome is metrics.Outcome.DENIED:
+            log.error("refresh denied; token evicted", extra={**extra, "error": error.describe()})
         else:
-            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.OK.value).inc()
-            log.info("token refreshed", extra={"event": "refresh", "kind": self._kind.value, "outcome": "ok"})
+            message = "refresh failed; serving the cached token while it is valid"
+            log.warning(message, extra={**extra, "error": error.describe()})
 
     # -- bookkeeping -------------------------------------------------------------
 
