@@ -29,6 +29,7 @@ from broker.sources import SubjectTokenSource, build_source
 log = logging.getLogger("broker.daemon")
 DRAIN_SECONDS = 8.0  # SPEC §3: exit within 10 s of SIGTERM
 LOAD_DRAIN_SECONDS = 5.0  # SPEC §8: in-flight upstream loads are failed (503) after this
+RELOAD_WARM_SECONDS = 5.0  # SIGHUP: how long the new identity may take to mint before the swap
 
 
 class _MalformedRequests(logging.Filter):
@@ -143,13 +144,22 @@ async def _start(
     clock: Clock,
     shutdown: asyncio.Event,
     bound: tuple[list[tuple[str, int]], tuple[str, int]] | None,
+    handover: Callable[[], Awaitable[None]] | None = None,
 ) -> _Serving:
-    """Build the chain, start admin then metadata listeners, start the pre-warm.
+    """Build the chain, start the pre-warm, start admin then metadata listeners.
 
     ``bound``: the addresses to listen on instead of the settings' (a reload with the
-    same listen settings reuses the ports actually bound, which matters for port 0)."""
+    same listen settings reuses the ports actually bound, which matters for port 0).
+    ``handover`` (a reload): called before binding, to free the addresses, once the new
+    chain's default token is minted or RELOAD_WARM_SECONDS passed, so /readyz does not
+    drop to 503 for the swap when the new identity works."""
     source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
     chain = TokenChain(settings, source, session, clock)
+    warm = asyncio.create_task(_warm_and_describe(chain, source))
+    if handover is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(warm), RELOAD_WARM_SECONDS)
+        await handover()
     admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
     metadata = web.AppRunner(
         create_metadata_app(settings, chain, clock, shutdown), access_log=None, shutdown_timeout=DRAIN_SECONDS
@@ -163,6 +173,7 @@ async def _start(
         for host, port in listen:
             await web.TCPSite(metadata, host, port, backlog=1024).start()
     except BaseException:
+        warm.cancel()
         await metadata.cleanup()
         await admin.cleanup()
         await chain.close()
@@ -179,7 +190,6 @@ async def _start(
             "source": type(settings.cred.source).__name__,
         },
     )
-    warm = asyncio.create_task(_warm_and_describe(chain, source))
     return _Serving(settings, source, chain, admin, metadata, warm)
 
 
@@ -216,22 +226,30 @@ async def _reload(
     old = serving.settings
     was_bound = ([_host_port(a) for a in serving.metadata.addresses], _host_port(serving.admin.addresses[0]))
     same_listen = fresh.listen == old.listen and fresh.admin_listen == old.admin_listen
-    # Free the addresses for the new listeners; connections already open keep being
-    # served by the old runner until it is cleaned up (in the background). Known gap: a
-    # connection still in the old socket's accept queue when it closes may go
-    # unanswered (Linux does not hand it to the new socket); clients time out and retry.
-    for site in [*serving.metadata.sites, *serving.admin.sites]:
-        await site.stop()
+    freed: list[bool] = []
+
+    async def free_addresses() -> None:
+        # Connections already open keep being served by the old runner until it is
+        # cleaned up (in the background). Known gap: a connection still in the old
+        # socket's accept queue when it closes may go unanswered (Linux does not hand
+        # it to the new socket); clients time out and retry.
+        freed.append(True)
+        for site in [*serving.metadata.sites, *serving.admin.sites]:
+            await site.stop()
+
     try:
-        replaced = await _start(fresh, session, clock, shutdown, was_bound if same_listen else None)
+        replaced = await _start(
+            fresh, session, clock, shutdown, was_bound if same_listen else None, handover=free_addresses
+        )
     except (OSError, BrokerError, ConfigError) as exc:
         log.error(
             "reload failed: cannot start the new listeners; back on the previous ones",
             extra={"event": "reload", "outcome": "error", "error": str(exc)},
         )
-        for host, port in was_bound[0]:
-            await web.TCPSite(serving.metadata, host, port, backlog=1024).start()
-        await web.TCPSite(serving.admin, *was_bound[1]).start()
+        if freed:
+            for host, port in was_bound[0]:
+                await web.TCPSite(serving.metadata, host, port, backlog=1024).start()
+            await web.TCPSite(serving.admin, *was_bound[1]).start()
         return serving
     log.info(
         "reloaded",
