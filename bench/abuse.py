@@ -279,10 +279,56 @@ raises its own on the `wire` branch).
 |---|---|---|---|
 {table}
 
+{SUITE}
+
 {THREAT_MODEL}
 {END}
 """
 
+
+_SUITE_ROWS = (
+    (
+        "`tests/test_startup_retry.py`",
+        "STS down at start: the pre-warm retries at most 30 s apart and `/readyz` turns 200 with "
+        "no client request; an IAM binding added after start is picked up the same way",
+    ),
+    (
+        "`tests/test_metrics.py::test_readiness_latches_through_an_outage_until_nothing_retries`,"
+        " `tests/resilience/test_outages.py`",
+        "once ready, `/readyz` stays 200 through an outage while a retry is in progress "
+        "(`wif_broker_default_token_servable` 0 meanwhile); 503 again only when a denial ends the"
+        " retries",
+    ),
+    (
+        "`tests/test_bounds.py`, `tests/test_cache.py` (caps, bucket)",
+        "30 distinct audiences at `upstream-rate` 5 -> exactly 10 IAM calls, 20 x 429 with "
+        "`Retry-After`; scope sets share the bucket; the default token is never refused; denied "
+        "and failed keys live inside `max-audiences`; LRU order; evicted keys' refreshers stop; "
+        "1,024-byte / control-character audiences -> 400",
+    ),
+    (
+        "`tests/test_signals.py`",
+        "a real process: SIGTERM with IAM hanging exits 0 in < 10 s (the client gets 503 after 5 "
+        "s); SIGHUP swaps in a new account (`default/email`, next mint); a broken TOML or "
+        "credential file -> one log line naming it, still serving",
+    ),
+    (
+        "`tests/test_secrets.py`",
+        "a real process at `--log-level debug --log-level-third-party debug` with the AWS source "
+        "(IMDS and IRSA) and Azure workload identity: no secret key, session token, signature, "
+        "subject/access/ID token or client assertion anywhere in its output; third-party loggers "
+        "stay at INFO unless asked",
+    ),
+    (
+        "`tests/aws/test_no_egress.py`",
+        "`run` with the AWS source: FakeAwsSts receives no request at all (no GetCallerIdentity)",
+    ),
+)
+SUITE = (
+    "### In-suite tests for SPEC §8 (this branch; each fails on the commit before it)\n\n"
+    "| Test | What it proves |\n|---|---|\n"
+    + "\n".join(f"| {test} | {proves} |" for test, proves in _SUITE_ROWS)
+)
 
 _ROWS = (
     (
