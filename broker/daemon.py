@@ -100,7 +100,16 @@ async def serve(
                 await _first_of(stop, hangup)
                 if hangup.is_set() and not stop.is_set():
                     hangup.clear()
-                    replaced = await _reload(serving, reload, session, clock, shutdown)
+                    reloading = asyncio.create_task(_reload(serving, reload, session, clock, shutdown))
+                    stopping = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({reloading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    stopping.cancel()
+                    if not reloading.done():  # SIGTERM while the new identity warms: drop it
+                        reloading.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reloading
+                        break
+                    replaced = reloading.result()
                     if replaced is not serving:
                         chains.append(replaced.chain)
                         # The old listeners drain in the background while the new ones serve.
@@ -156,15 +165,15 @@ async def _start(
     source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
     chain = TokenChain(settings, source, session, clock)
     warm = asyncio.create_task(_warm_and_describe(chain, source))
-    if handover is not None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(warm), RELOAD_WARM_SECONDS)
-        await handover()
     admin = web.AppRunner(create_admin_app(chain), access_log=None, shutdown_timeout=2.0)
     metadata = web.AppRunner(
         create_metadata_app(settings, chain, clock, shutdown), access_log=None, shutdown_timeout=DRAIN_SECONDS
     )
     try:
+        if handover is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(warm), RELOAD_WARM_SECONDS)
+            await handover()
         await admin.setup()
         admin_at = bound[1] if bound else (settings.admin_listen.host, settings.admin_listen.port)
         await web.TCPSite(admin, *admin_at).start()
@@ -172,7 +181,7 @@ async def _start(
         listen = bound[0] if bound else [(a.host, a.port) for a in settings.listen]
         for host, port in listen:
             await web.TCPSite(metadata, host, port, backlog=1024).start()
-    except BaseException:
+    except BaseException:  # a bind error, or SIGTERM during a reload (cancelled)
         warm.cancel()
         await metadata.cleanup()
         await admin.cleanup()

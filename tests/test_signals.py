@@ -216,3 +216,26 @@ async def test_sighup_with_a_broken_file_keeps_serving_and_names_it(
     assert await get(daemon.url + SA_PATH + "email") == (200, DEFAULT_SERVICE_ACCOUNT)
     status, body = await get(daemon.url + SA_PATH + "token")
     assert status == 200, body
+
+
+async def test_sigterm_during_a_reload_still_exits_0_within_10_s(
+    daemon: Daemon, google: FakeGoogle, tmp_path: Path
+) -> None:
+    """SIGHUP to an identity whose mint hangs (the reload waits for it), then SIGTERM."""
+    google.iam.gate = asyncio.Event()
+    write_credentials(tmp_path / "credentials.json", google, tmp_path / "subject-token", OTHER_SA)
+    calls = len(google.iam.calls)
+    daemon.proc.send_signal(signal.SIGHUP)
+
+    async def new_identity_minting() -> None:
+        while len(google.iam.calls) == calls:  # noqa: ASYNC110 - polls the fake
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(new_identity_minting(), WAIT)
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(daemon.proc.wait(), EXIT_DEADLINE + 5)
+    took = time.monotonic() - started
+    assert code == 0, daemon.text()
+    assert took < EXIT_DEADLINE, f"exit took {took:.1f}s"
+    assert "Traceback" not in daemon.text()
