@@ -60,9 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from broker.demo import run_demo
 
             level, fmt = flags.get("log_level") or "info", flags.get("log_format") or "text"
+            third_party = flags.get("log_level_third_party") or "info"
             # Logging starts before settings are built: a bad level must exit 2, not raise.
             settings.check_logging(level, fmt)
-            logs.setup_logging(level, fmt)
+            if third_party not in ("debug", "info", "warning", "error"):
+                problem = f"{third_party!r} is not debug, info, warning or error"
+                raise ConfigError("log-level-third-party", problem)
+            logs.setup_logging(level, fmt, third_party)
             return asyncio.run(run_demo(flags))
         if args.command == "env":
             # Only the listen address matters here; no credentials needed.
