@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -35,8 +36,10 @@ from bench.common import (
     REPO,
     BenchError,
     broker_cmd,
+    can_pin,
     free_port,
     machine_info,
+    pinned,
     started,
     wait_ok,
     write_credentials,
@@ -73,6 +76,7 @@ class AbuseResult:
     probe_failures: int = 0
     probes: int = 0
     nofile_soft: int = 0
+    pinning: str = ""
     machine: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -183,13 +187,18 @@ def raise_nofile(wanted: int) -> int:
     return target
 
 
-async def measure(audiences: int, scope_sets: int, half_open_count: int, workers: int) -> AbuseResult:
+async def measure(
+    audiences: int, scope_sets: int, half_open_count: int, workers: int, pin: bool
+) -> AbuseResult:
     res = AbuseResult(audiences, scope_sets, half_open_count, workers=workers, machine=machine_info())
     res.nofile_soft = raise_nofile(2 * half_open_count + 4096)
+    res.pinning = "broker core 0, abuser and fakes core 1" if pin else "none"
+    if pin:  # as bench/throughput does: the two sides do not steal each other's core
+        os.sched_setaffinity(0, {1})
     with tempfile.TemporaryDirectory(prefix="wif-abuse-") as tmp:
         async with FakeGoogle() as google:
             port, admin = free_port(), free_port()
-            cmd = broker_cmd(write_credentials(google, Path(tmp)), port, admin)
+            cmd = pinned(broker_cmd(write_credentials(google, Path(tmp)), port, admin), 0 if pin else None)
             async with started("broker", cmd, Path(tmp) / "broker.log") as child:
                 base = f"http://{LOOPBACK}:{port}"
                 async with aiohttp.ClientSession() as session:
@@ -273,7 +282,7 @@ def markdown(res: AbuseResult, command: str) -> str:
 {res.workers} concurrent clients, with {res.half_open_held:,} of {res.half_open_asked:,} half-open
 connections (a request head never finished) held throughout; a probe asks for the default token
 every 10 ms. Soft `RLIMIT_NOFILE` raised to {res.nofile_soft:,} for both processes (the broker
-raises its own on the `wire` branch).
+raises its own on the `wire` branch). CPU pinning: {res.pinning}.
 
 | Figure | Measured | Target | |
 |---|---|---|---|
@@ -389,6 +398,7 @@ def main(argv: list[str]) -> int:
         "--output", type=Path, help=f"write the section into this file (e.g. {DEFAULT_OUTPUT})"
     )
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin broker/abuser to cores 0/1")
     args = parser.parse_args(argv)
     for name, top in (
         ("audiences", 100_000),
@@ -399,7 +409,8 @@ def main(argv: list[str]) -> int:
         if not 0 <= getattr(args, name) <= top:
             parser.error(f"--{name.replace('_', '-')} must be between 0 and {top}")
     try:
-        res = asyncio.run(measure(args.audiences, args.scope_sets, args.half_open, max(1, args.workers)))
+        pin = can_pin() and not args.no_pin
+        res = asyncio.run(measure(args.audiences, args.scope_sets, args.half_open, max(1, args.workers), pin))
     except (BenchError, OSError, TimeoutError) as exc:
         print(f"bench abuse: measurement failed: {exc}", file=sys.stderr)
         return 1
