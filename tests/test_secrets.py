@@ -160,20 +160,31 @@ async def test_azure_client_assertion_never_logged_at_debug(tmp_path: Path) -> N
     assert_absent(output, secrets)
 
 
+THIRD_PARTY = ("botocore.auth", "urllib3.connectionpool", "msal.application", "azure.core")
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
+    """Root handlers and levels as they were; the third-party loggers at NOTSET meanwhile
+    (an earlier test in this process may have set one, e.g. the Azure source quiets azure)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    names = [*THIRD_PARTY, *(name.split(".")[0] for name in THIRD_PARTY)]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
 
 
 @pytest.mark.usefixtures("restore_logging")
 def test_third_party_loggers_stay_at_info_unless_asked(capsys: pytest.CaptureFixture[str]) -> None:
     logs.setup_logging("debug", "json")
     logging.getLogger("broker.test").debug("own debug line")
-    for name in ("botocore.auth", "urllib3.connectionpool", "msal.application", "azure.core"):
+    for name in THIRD_PARTY:
         logging.getLogger(name).debug("third-party debug line from %s", name)
         logging.getLogger(name).info("third-party info line from %s", name)
     lines = capsys.readouterr().err.splitlines()
