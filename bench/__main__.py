@@ -9,6 +9,9 @@ reports image and venv sizes (``bench/image.py``; writes docs/image.md).
 ``python -m bench webhook [...]`` measures the Kubernetes admission webhook's latency at
 50 concurrent reviews and its memory (``bench/webhook.py``; writes docs/webhook-performance.md).
 
+``python -m bench abuse [...]`` floods one broker with distinct audiences, scope
+sets and half-open connections (``bench/abuse.py``; SPEC §8).
+
 ``python -m bench nginx [...]`` measures the broker and the aiohttp baseline
 against nginx serving the same JSON from a file (``bench/nginx.py``; writes
 docs/performance-nginx.md).
@@ -180,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import lambda_ext
 
         return lambda_ext.main(given[1:])
+    if given[:1] == ["abuse"]:
+        from bench import abuse
+
+        return abuse.main(given[1:])
     if given[:1] == ["nginx"]:
         from bench import nginx
 

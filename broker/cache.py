@@ -16,6 +16,10 @@ clock. Semantics (SPEC §4, reference/style-and-architecture.md §4):
   with capped exponential backoff and jitter; :class:`Denied` evicts. While a key
   has no servable token, its last error is returned until the backoff elapses,
   so a failing upstream is not hammered by retrying clients.
+* Bounded (SPEC §8): at most ``max_entries`` keys (failed and in-flight ones too),
+  least recently used evicted; a miss first takes from a shared :class:`TokenBucket`
+  (empty: :class:`RateLimited`, nothing called). ``keep_warm`` keys are never
+  evicted nor charged, so no caller can starve the default token.
 """
 
 from __future__ import annotations
@@ -25,34 +29,20 @@ import contextlib
 import logging
 import random
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker import metrics
+from broker.cachepolicy import Policy, TokenBucket
 from broker.clock import Clock
-from broker.errors import BrokerError, Denied, Step, Transient
+from broker.errors import BrokerError, Denied, RateLimited, Step, Transient
 from broker.tokens import Token
 
+__all__ = ["Policy", "TokenBucket", "TokenCache"]
 K = TypeVar("K", bound=Hashable)
 log = logging.getLogger("broker.cache")
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    refresh_before: float = 600
-    min_serve_ttl: float = 300
-    jitter_fraction: float = 0.1  # of the token lifetime, subtracted at random from refresh_at
-    # Brokers rolled out together mint together. Jitter of one lifetime spreads their
-    # refreshes only a few minutes, and later draws widen that like a random walk
-    # (weeks to even out): bench/fleet.py measured peak/mean 7.6 per minute for 10,000
-    # brokers. Drawing the first refresh uniformly over the whole window gives the herd
-    # even phases at once (1.2), for about one extra call per key per process start.
-    spread_first_refresh: bool = True
-    first_refresh_floor: float = 60.0  # not sooner than this after the mint (or half the window)
-    backoff_base: float = 1.0
-    backoff_cap: float = 30.0
-    retry_after_cap: float = 300.0
 
 
 @dataclass(slots=True)
@@ -76,6 +66,8 @@ class TokenCache(Generic[K]):
         *,
         keep_warm: Callable[[K], bool] = lambda key: False,
         rng: random.Random | None = None,
+        max_entries: int | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self._kind = kind
         self._step = step  # named in the error when a loaded token is too short-lived
@@ -84,13 +76,19 @@ class TokenCache(Generic[K]):
         self._policy = policy
         self._keep_warm = keep_warm
         self._rng = rng or random.Random()
-        self._entries: dict[K, _Entry] = {}
+        self._max_entries = max_entries
+        self._bucket = bucket
+        # Insertion order is recency order: hits move a key to the end, eviction takes the front.
+        self._entries: OrderedDict[K, _Entry] = OrderedDict()
         self._inflight: dict[K, asyncio.Task[Token]] = {}
         self._refreshers: dict[K, asyncio.Task[None]] = {}
         self._closed = False
         # Counter cells resolved once: hit() is on every request's path.
         self._lookups = {r: metrics.CACHE_LOOKUPS.cell(kind.value, r.value) for r in metrics.CacheResult}
         self._stale = metrics.STALE_SERVED.labels(kind=kind.value)
+        self._evictions = metrics.CACHE_EVICTIONS.labels(kind=kind.value)
+        self._limited = metrics.RATE_LIMITED.labels(kind=kind.value)
+        self._aborting = False
         ref = weakref.ref(self)
         metrics.EXPIRY.sources[kind] = lambda: c.soonest_expiry() if (c := ref()) else None
 
@@ -115,6 +113,7 @@ class TokenCache(Generic[K]):
         if self._clock.wall() >= entry.token.expires_at - self._policy.min_serve_ttl:
             return None
         entry.used = True
+        self._entries.move_to_end(key)  # recency, for the cap
         self._lookups[metrics.CacheResult.HIT].value += 1
         if entry.failures:
             self._stale.inc()
@@ -130,9 +129,52 @@ class TokenCache(Generic[K]):
             self._count(metrics.CacheResult.JOINED)
             return await asyncio.shield(task)
         if entry and entry.last_error and self._clock.wall() < entry.retry_at:
+            self._entries.move_to_end(key)
             raise entry.last_error
+        if self._bucket is not None and not self._keep_warm(key):
+            try:
+                self._bucket.take_or_refuse(self._step)
+            except RateLimited:
+                self._limited.inc()
+                raise
         self._count(metrics.CacheResult.MISS)
+        if entry is None:
+            # Inside the cap from the start: an in-flight or failed key holds a slot too.
+            self._entries[key] = _Entry()
+            self._evict()
+        else:
+            self._entries.move_to_end(key)
         return await asyncio.shield(self._start_load(key))
+
+    def retry_at(self, key: K) -> float:
+        """When a failed key may next call upstream (0 when it has not failed)."""
+        entry = self._entries.get(key)
+        return entry.retry_at if entry and entry.last_error else 0.0
+
+    def busy(self, key: K) -> bool:
+        """A load of ``key`` is running or scheduled (refresh or retry)."""
+        return key in self._inflight or key in self._refreshers
+
+    def any_servable(self) -> bool:
+        limit = self._clock.wall() + self._policy.min_serve_ttl
+        return any(e.token is not None and e.token.expires_at > limit for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _evict(self) -> None:
+        if self._max_entries is None or len(self._entries) <= self._max_entries:
+            return
+        for key in list(self._entries):
+            if len(self._entries) <= self._max_entries:
+                break
+            if self._keep_warm(key):
+                continue
+            del self._entries[key]
+            if (refresher := self._refreshers.pop(key, None)) is not None:
+                refresher.cancel()
+            self._evictions.inc()
+        self._publish()
 
     def soonest_expiry(self) -> float | None:
         expiries = [e.token.expires_at for e in self._entries.values() if e.token]
@@ -161,45 +203,35 @@ class TokenCache(Generic[K]):
                     f"not more than min-serve-ttl ({self._policy.min_serve_ttl:.0f}s)",
                     fix="lower min-serve-ttl or raise the token lifetime",
                 )
+        except asyncio.CancelledError:
+            if not self._aborting:
+                raise
+            # Draining (SIGTERM): callers get a 503 naming the step, not a reset connection.
+            raise Transient(self._step, "the broker is shutting down", fix="retry") from None
         except BrokerError as exc:
-            entry = self._entries.setdefault(key, _Entry())
+            entry = self._entries.get(key)
+            if entry is None:  # evicted while loading: nothing to remember
+                raise
             entry.failures += 1
             entry.last_error = exc
-            entry.retry_at = started + self._backoff(entry.failures, exc.retry_after)
+            entry.retry_at = started + self._policy.backoff(entry.failures, exc.retry_after, self._rng)
             if isinstance(exc, Denied):
                 entry.token = None
             self._publish()
             raise
-        entry = self._entries.setdefault(key, _Entry())
+        entry = self._entries.get(key)
+        if entry is None:
+            if self._max_entries is None:
+                entry = self._entries[key] = _Entry()
+            else:
+                return token  # evicted while loading: the waiting callers still get it
         first = entry.token is None
         entry.token, entry.failures, entry.last_error = token, 0, None
-        entry.refresh_at = self._refresh_at(token, started, first=first)
+        entry.refresh_at = self._policy.refresh_at(token.expires_at, started, self._rng, first=first)
         self._publish()
         if key not in self._refreshers and not self._closed:
             self._refreshers[key] = asyncio.get_running_loop().create_task(self._refresh_loop(key))
         return token
-
-    def _refresh_at(self, token: Token, now: float, *, first: bool = False) -> float:
-        policy = self._policy
-        lifetime = max(token.expires_at - now, 0.0)
-        ideal = (
-            token.expires_at - policy.refresh_before - self._rng.uniform(0, policy.jitter_fraction * lifetime)
-        )
-        servable_until = token.expires_at - policy.min_serve_ttl
-        # Short-lived tokens: still leave half the servable window before renewing.
-        normal = max(ideal, now + (servable_until - now) / 2)
-        if not (first and policy.spread_first_refresh):
-            return normal
-        span = max(normal - now, 0.0)
-        return now + self._rng.uniform(min(policy.first_refresh_floor, span / 2), span)
-
-    def _backoff(self, failures: int, retry_after: float | None) -> float:
-        policy = self._policy
-        delay = min(policy.backoff_cap, policy.backoff_base * 2.0 ** (failures - 1))
-        delay *= self._rng.uniform(0.5, 1.0)
-        if retry_after:
-            delay = max(delay, min(retry_after, policy.retry_after_cap))
-        return delay
 
     async def _refresh_loop(self, key: K) -> None:
         try:
@@ -225,35 +257,25 @@ class TokenCache(Generic[K]):
 
     async def _refresh_once(self, key: K) -> None:
         task = self._inflight.get(key) or self._start_load(key)
+        outcome: metrics.Outcome = metrics.Outcome.OK
+        error: BrokerError | None = None
         try:
             await asyncio.shield(task)
         except Denied as exc:
-            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.DENIED.value).inc()
-            log.error(
-                "refresh denied; token evicted",
-                extra={
-                    "event": "refresh",
-                    "kind": self._kind.value,
-                    "outcome": "denied",
-                    "error": exc.describe(),
-                },
-            )
+            outcome, error = metrics.Outcome.DENIED, exc
             self._entries.pop(key, None)
             self._publish()
         except BrokerError as exc:
-            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.TRANSIENT.value).inc()
-            log.warning(
-                "refresh failed; serving the cached token while it is valid",
-                extra={
-                    "event": "refresh",
-                    "kind": self._kind.value,
-                    "outcome": "transient",
-                    "error": exc.describe(),
-                },
-            )
+            outcome, error = metrics.Outcome.TRANSIENT, exc
+        metrics.REFRESHES.labels(kind=self._kind.value, outcome=outcome.value).inc()
+        extra = {"event": "refresh", "kind": self._kind.value, "outcome": outcome.value}
+        if error is None:
+            log.info("token refreshed", extra=extra)
+        elif outcome is metrics.Outcome.DENIED:
+            log.error("refresh denied; token evicted", extra={**extra, "error": error.describe()})
         else:
-            metrics.REFRESHES.labels(kind=self._kind.value, outcome=metrics.Outcome.OK.value).inc()
-            log.info("token refreshed", extra={"event": "refresh", "kind": self._kind.value, "outcome": "ok"})
+            message = "refresh failed; serving the cached token while it is valid"
+            log.warning(message, extra={**extra, "error": error.describe()})
 
     async def refresh_due(self) -> int:
         """Refresh now every wanted token that is inside its refresh window; return how many.
@@ -285,6 +307,12 @@ class TokenCache(Generic[K]):
     def _publish(self) -> None:
         held = sum(1 for e in self._entries.values() if e.token)
         metrics.CACHED_TOKENS.labels(kind=self._kind.value).set(held)
+
+    def abort_loads(self) -> None:
+        """Fail every running load with a Transient error (drain after SIGTERM)."""
+        self._aborting = True
+        for task in list(self._inflight.values()):
+            task.cancel()
 
     async def close(self) -> None:
         """Cancel and await every task this cache owns."""

@@ -7,11 +7,11 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from broker import __version__, daemon, envbundle, logs, settings
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ReloadError
 
 COMMANDS = ("run", "demo", "check", "env", "webhook", "lambda-extension")
 
@@ -75,9 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from broker.demo import run_demo
 
             level, fmt = flags.get("log_level") or "info", flags.get("log_format") or "text"
+            third_party = flags.get("log_level_third_party") or "info"
             # Logging starts before settings are built: a bad level must exit 2, not raise.
             settings.check_logging(level, fmt)
-            logs.setup_logging(level, fmt)
+            if third_party not in ("debug", "info", "warning", "error"):
+                problem = f"{third_party!r} is not debug, info, warning or error"
+                raise ConfigError("log-level-third-party", problem)
+            logs.setup_logging(level, fmt, third_party)
             return asyncio.run(run_demo(flags))
         if args.command == "webhook":
             return _webhook(flags)
@@ -93,12 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(envbundle.render(settings.parse_address("listen", listen), args.format))
             return 0
         resolved = settings.build(flags)
-        logs.setup_logging(resolved.log_level, resolved.log_format)
+        logs.setup_logging(resolved.log_level, resolved.log_format, resolved.log_level_third_party)
         if args.command == "check":
             from broker.check import run_check
 
             return asyncio.run(run_check(resolved))
-        asyncio.run(daemon.serve(resolved))
+        asyncio.run(daemon.serve(resolved, reload=_reloader(flags)))
         return 0
     except ConfigError as exc:
         print(f"wif-broker: configuration error: {exc}", file=sys.stderr)
@@ -119,3 +123,30 @@ def _webhook(flags: dict[str, object]) -> int:
 
     asyncio.run(serve(resolved, os.environ))
     return 0
+
+
+def _reloader(flags: dict[str, object]) -> Callable[[], settings.Settings]:
+    """What SIGHUP runs: the same flags and environment, the files read again."""
+
+    def reload() -> settings.Settings:
+        try:
+            fresh = settings.build(flags)
+        except ConfigError as exc:
+            raise ReloadError(_file_of(exc, flags), str(exc)) from None
+        logs.setup_logging(fresh.log_level, fresh.log_format, fresh.log_level_third_party)
+        return fresh
+
+    return reload
+
+
+def _file_of(exc: ConfigError, flags: dict[str, object]) -> str:
+    """The file a reload error comes from: the TOML for a setting, else the credential file."""
+    config = flags.get("config") or os.environ.get(settings.ENV_PREFIX + "CONFIG")
+    if config and (exc.name == "config" or (exc.name in settings.NAMES and exc.name != "credentials")):
+        return str(config)
+    credentials = (
+        flags.get("credentials")
+        or os.environ.get(settings.ENV_PREFIX + "CREDENTIALS")
+        or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    )
+    return str(credentials or config or "credentials")

@@ -11,44 +11,40 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from broker import httpclient
 from broker.admin import SERVER as ADMIN_SERVER
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
 from broker.clock import Clock, SystemClock
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, ReloadError
 from broker.metadata import listener
 from broker.metadata.app import create_metadata_app
 from broker.metadata.wire import GCE_HEADERS
-from broker.settings import Address, Settings
+from broker.settings import Settings
 from broker.sources import SubjectTokenSource, build_source
 
 log = logging.getLogger("broker.daemon")
 DRAIN_SECONDS = 8.0  # SPEC §3: exit within 10 s of SIGTERM
+LOAD_DRAIN_SECONDS = 5.0  # SPEC §8: in-flight upstream loads are failed (503) after this
+RELOAD_WARM_SECONDS = 5.0  # SIGHUP: how long the new identity may take to mint before the swap
 
 
-class _MalformedRequests(logging.Filter):
-    """aiohttp logs each request its parser refuses (an oversized head, bad syntax) at
-    ERROR with a traceback, so any local process could fill the log at will, and the
-    message may quote the request's bytes. One WARNING line naming the error instead."""
+@dataclass(frozen=True)
+class _Serving:
+    """One configuration being served: its chain and the two listeners over it."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "refused a malformed HTTP request: %s (HTTP %d)"
-            record.args = (type(exc).__name__, exc.code)
-            record.exc_info, record.exc_text = None, None
-            record.event = "bad_request"
-        return True
-
-
-_MALFORMED = _MalformedRequests()
+    settings: Settings
+    source: SubjectTokenSource
+    chain: TokenChain
+    admin: web.AppRunner
+    metadata: web.AppRunner
+    warm: asyncio.Task[None]
 
 
 async def serve(
@@ -58,75 +54,243 @@ async def serve(
     stop: asyncio.Event | None = None,
     on_listening: Callable[[list[str], list[str]], Awaitable[None]] | None = None,
     on_chain: Callable[[TokenChain], None] | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> None:
     """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain and return.
 
     ``on_chain`` receives the token chain once both listeners are up, for a host that
-    drives refreshes itself (the Lambda extension refreshes on each INVOKE).
-    """
+    drives refreshes itself (the Lambda extension refreshes on each INVOKE; it passes
+    no ``reload``, so that chain is the one served until the end).
+
+    SIGHUP calls ``reload`` (re-reads the settings and credential files, in a worker
+    thread) and, when that succeeds, serves the new configuration on the same
+    addresses; a :class:`ReloadError` leaves the running one in place (SPEC §8)."""
     clock = clock or SystemClock()
     stop = stop or asyncio.Event()
-    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # adding it twice is a no-op
+    hangup = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, hangup)):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, event.set)
     shutdown = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         session = httpclient.new_session()
         stack.push_async_callback(session.close)
-        source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
-        stack.push_async_callback(source.close)
-        chain = TokenChain(settings, source, session, clock)
-        stack.push_async_callback(chain.close)
-        admin = listener.GuardedRunner(
-            create_admin_app(chain),
-            access_log=None,
-            shutdown_timeout=2.0,
-            error_headers={"Server": ADMIN_SERVER},
-        )
-        await admin.setup()
-        stack.push_async_callback(admin.cleanup)
-        await _listen(admin, settings.admin_listen, "admin-listen")
-        runner = listener.GuardedRunner(
-            create_metadata_app(settings, chain, clock, shutdown),
-            error_headers=GCE_HEADERS,
-            access_log=None,
-            shutdown_timeout=DRAIN_SECONDS,
-        )
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        for address in settings.listen:
-            await _listen(runner, address, "listen", backlog=1024)
-        addresses = [_fmt(a) for a in runner.addresses]
-        admin_addresses = [_fmt(a) for a in admin.addresses]
-        log.info(
-            "listening",
-            extra={
-                "event": "start",
-                "metadata": ",".join(addresses),
-                "admin": ",".join(admin_addresses),
-                "account": settings.email,
-                "project": settings.project_id,
-                "source": type(settings.cred.source).__name__,
-            },
-        )
+        serving = await _start(settings, session, clock, shutdown, None)
+        addresses = [_fmt(a) for a in serving.metadata.addresses]
+        admin_addresses = [_fmt(a) for a in serving.admin.addresses]
         if on_listening is not None:
             await on_listening(addresses, admin_addresses)
         if on_chain is not None:
-            on_chain(chain)
-        warm = asyncio.create_task(_warm_and_describe(chain, source))
-        await stop.wait()
-        log.info("draining", extra={"event": "stop"})
-        shutdown.set()  # release wait_for_change long-polls
-        warm.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await warm
+            on_chain(serving.chain)
+        retiring: set[asyncio.Task[None]] = set()
+        chains = [serving.chain]  # every chain still draining or serving, for the abort below
+        try:
+            while not stop.is_set():
+                await _first_of(stop, hangup)
+                if hangup.is_set() and not stop.is_set():
+                    hangup.clear()
+                    reloading = asyncio.create_task(_reload(serving, reload, session, clock, shutdown))
+                    stopping = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait({reloading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    stopping.cancel()
+                    if not reloading.done():  # SIGTERM while the new identity warms: drop it
+                        reloading.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reloading
+                        break
+                    replaced = reloading.result()
+                    if replaced is not serving:
+                        chains.append(replaced.chain)
+                        # The old listeners drain in the background while the new ones serve.
+                        task = asyncio.create_task(_stop(serving))
+                        retiring.add(task)
+                        task.add_done_callback(retiring.discard)
+                        serving = replaced
+        finally:
+            log.info("draining", extra={"event": "stop"})
+            shutdown.set()  # release wait_for_change long-polls
+            # In-flight upstream loads get LOAD_DRAIN_SECONDS to finish; then they fail with
+            # a 503 naming the step, so a hung upstream cannot hold the exit past 10 s.
+            abort = loop.call_later(LOAD_DRAIN_SECONDS, _abort_loads, chains)
+            try:
+                await _stop(serving)
+                for task in list(retiring):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            finally:
+                abort.cancel()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def _abort_loads(chains: list[TokenChain]) -> None:
+    for chain in chains:
+        chain.abort_loads()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _start(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    shutdown: asyncio.Event,
+    bound: tuple[list[tuple[str, int]], tuple[str, int]] | None,
+    handover: Callable[[], Awaitable[None]] | None = None,
+) -> _Serving:
+    """Build the chain, start the pre-warm, start admin then metadata listeners.
+
+    ``bound``: the addresses to listen on instead of the settings' (a reload with the
+    same listen settings reuses the ports actually bound, which matters for port 0).
+    ``handover`` (a reload): called before binding, to free the addresses, once the new
+    chain's default token is minted or RELOAD_WARM_SECONDS passed, so /readyz does not
+    drop to 503 for the swap when the new identity works."""
+    source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
+    chain = TokenChain(settings, source, session, clock)
+    # At start-up the listeners come first (SPEC §5: the admin listener is up before the
+    # first exchange, and a bind error is the only line of a failed start); a reload
+    # warms the new identity first, while the old listeners still serve.
+    warm: asyncio.Task[None] | None = None
+    if handover is not None:
+        warm = asyncio.create_task(_warm_and_describe(chain, source))
+    admin = listener.GuardedRunner(
+        create_admin_app(chain),
+        access_log=None,
+        shutdown_timeout=2.0,
+        error_headers={"Server": ADMIN_SERVER},
+    )
+    metadata = listener.GuardedRunner(
+        create_metadata_app(settings, chain, clock, shutdown),
+        error_headers=GCE_HEADERS,
+        access_log=None,
+        shutdown_timeout=DRAIN_SECONDS,
+    )
+    try:
+        if handover is not None and warm is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(warm), RELOAD_WARM_SECONDS)
+            await handover()
+        await admin.setup()
+        admin_at = bound[1] if bound else (settings.admin_listen.host, settings.admin_listen.port)
+        await _listen(admin, *admin_at, "admin-listen")
+        await metadata.setup()
+        listen = bound[0] if bound else [(a.host, a.port) for a in settings.listen]
+        for host, port in listen:
+            await _listen(metadata, host, port, "listen", backlog=1024)
+    except BaseException:  # a bind error, or SIGTERM during a reload (cancelled)
+        if warm is not None:
+            warm.cancel()
+        await metadata.cleanup()
+        await admin.cleanup()
+        await chain.close()
+        await source.close()
+        raise
+    log.info(
+        "listening",
+        extra={
+            "event": "start",
+            "metadata": ",".join(_fmt(a) for a in metadata.addresses),
+            "admin": ",".join(_fmt(a) for a in admin.addresses),
+            "account": settings.email,
+            "project": settings.project_id,
+            "source": type(settings.cred.source).__name__,
+        },
+    )
+    if warm is None:
+        warm = asyncio.create_task(_warm_and_describe(chain, source))
+    return _Serving(settings, source, chain, admin, metadata, warm)
+
+
+async def _stop(serving: _Serving) -> None:
+    serving.warm.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving.warm
+    await serving.metadata.cleanup()
+    await serving.admin.cleanup()
+    await serving.chain.close()
+    await serving.source.close()
+
+
+async def _reload(
+    serving: _Serving,
+    reload: Callable[[], Settings] | None,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    shutdown: asyncio.Event,
+) -> _Serving:
+    """SIGHUP: the new configuration's listeners, or ``serving`` itself when nothing changes."""
+    if reload is None:
+        log.warning("SIGHUP ignored: this command has no files to re-read", extra={"event": "reload"})
+        return serving
+    try:
+        fresh = await asyncio.to_thread(reload)
+    except ReloadError as exc:
+        # One line naming the file; the running configuration stays.
+        log.error(
+            "reload failed; still serving the previous configuration",
+            extra={"event": "reload", "outcome": "error", "file": exc.file, "error": exc.problem},
+        )
+        return serving
+    old = serving.settings
+    was_bound = ([_host_port(a) for a in serving.metadata.addresses], _host_port(serving.admin.addresses[0]))
+    same_listen = fresh.listen == old.listen and fresh.admin_listen == old.admin_listen
+    freed: list[bool] = []
+
+    async def free_addresses() -> None:
+        # Connections already open keep being served by the old runner until it is
+        # cleaned up (in the background). Known gap: a connection still in the old
+        # socket's accept queue when it closes may go unanswered (Linux does not hand
+        # it to the new socket); clients time out and retry.
+        freed.append(True)
+        for site in [*serving.metadata.sites, *serving.admin.sites]:
+            await site.stop()
+
+    try:
+        replaced = await _start(
+            fresh, session, clock, shutdown, was_bound if same_listen else None, handover=free_addresses
+        )
+    except (OSError, BrokerError, ConfigError) as exc:
+        log.error(
+            "reload failed: cannot start the new listeners; back on the previous ones",
+            extra={"event": "reload", "outcome": "error", "error": str(exc)},
+        )
+        if freed:
+            for host, port in was_bound[0]:
+                await web.TCPSite(serving.metadata, host, port, backlog=1024).start()
+            await web.TCPSite(serving.admin, *was_bound[1]).start()
+        return serving
+    log.info(
+        "reloaded",
+        extra={
+            "event": "reload",
+            "outcome": "ok",
+            "account": fresh.email,
+            "identity_changed": fresh.email != old.email or fresh.cred != old.cred,
+        },
+    )
+    return replaced
+
+
+def _host_port(address: object) -> tuple[str, int]:
+    assert isinstance(address, tuple)
+    return str(address[0]), int(address[1])
 
 
 async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> None:
     await chain.warm()
+    # SPEC §8: run contacts only the subject-token source, STS and IAM. Describing an
+    # AWS principal takes a GetCallerIdentity call to AWS STS, which the chain never
+    # needs and which hangs in a private subnet without an STS endpoint: only `check`
+    # does that. The other sources describe what they fetch anyway (a token's claims).
+    if source.kind == "aws":
+        return
     # Logged once: the identity Google sees, so an operator can compare it with
     # the provider's issuer/audience or the IAM binding without running check.
     try:
@@ -138,19 +302,20 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
         return
     log.info("native identity", extra={"event": "identity", "kind": source.kind, **seen})
     if seen.get("bind"):
-        # An AWS role is known only from GetCallerIdentity: later IAM denials name its member.
+        # The narrowest member for this identity: later IAM denials name it (SPEC §11).
         chain.steps.learn_member(seen["bind"])
 
 
-async def _listen(runner: web.AppRunner, address: Address, setting: str, **kwargs: Any) -> None:
+async def _listen(runner: web.AppRunner, host: str, port: int, setting: str, **kwargs: Any) -> None:
     """Bind one listener. A port in use or an address this host does not have is a
     configuration error naming the setting (one line, exit 2), not a traceback."""
     # Before the first socket opens: fd limit raised, accept errors rate-limited (idempotent).
     listener.prepare_process(asyncio.get_running_loop())
     try:
-        await web.TCPSite(runner, address.host, address.port, **kwargs).start()
+        await web.TCPSite(runner, host, port, **kwargs).start()
     except OSError as exc:
-        raise ConfigError(setting, f"cannot listen on {address}: {exc.strerror or exc}") from None
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ConfigError(setting, f"cannot listen on {shown}: {exc.strerror or exc}") from None
 
 
 def _fmt(address: object) -> str:

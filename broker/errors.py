@@ -78,6 +78,11 @@ class NotFound(Denied):
     """What was asked for does not exist in this configuration (the metadata server answers 404)."""
 
 
+class RateLimited(BrokerError):
+    """Refused before any upstream call: the broker's own budget for cache misses is spent
+    (SPEC §8 ``upstream-rate``). ``retry_after`` says when the next one will be allowed."""
+
+
 class ConfigError(Exception):
     """Invalid configuration; the CLI prints it as one line and exits 2."""
 
@@ -85,3 +90,12 @@ class ConfigError(Exception):
         self.name = name
         self.problem = problem
         super().__init__(f"{name}: {problem}")
+
+
+class ReloadError(Exception):
+    """SIGHUP could not re-read a file; the daemon keeps its running configuration."""
+
+    def __init__(self, file: str, problem: str) -> None:
+        self.file = file  # the settings (TOML) or credential file that failed
+        self.problem = problem
+        super().__init__(f"{file}: {problem}")

@@ -1,10 +1,14 @@
 """Logging: JSON lines (or text), with every line redacted before it is written.
 
-Redaction happens in the formatter of the one root handler, so it covers our
-loggers and third-party ones alike (botocore at debug prints
-``x-amz-security-token``; aiohttp client errors may echo URLs). Two nets:
-patterns for anything token-shaped, and the exact values of tokens the broker
-has handled recently.
+The one place that decides what reaches the log (SPEC §8). Redaction happens in
+the formatter of the one root handler, so it covers our loggers and third-party
+ones alike: botocore at debug prints request headers with ``X-Amz-Security-Token``
+as bytes (``b'...'``), the canonical request and ``Signature:\n<hex>``, and
+response bodies carrying ``<SecretAccessKey>``; aiohttp client errors may echo
+URLs. Two nets: patterns for anything token- or key-shaped, and the exact values
+of secrets the broker has handled recently (tokens, and the session token and
+signature inside each AWS subject token). Third-party loggers are held at INFO
+unless ``log-level-third-party`` asks for more, whatever ``log-level`` says.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ import sys
 import threading
 from collections import deque
 from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
 
 REDACTED = "[REDACTED]"
-_KEYS = r"access_?token|id_?token|subject_?token|token|secret_?access_?key|session_?token|client_assertion"
+_KEYS = (
+    r"access_?token|id_?token|subject_?token|token|(?:aws_?)?secret_?access_?key|(?:aws_?)?session_?token"
+    r"|client_assertion|assertion|secret"
+)
 # Anchored to syntax, never to prose: a JSON or Python-repr key, a form/query
 # "key=", a header line. "generateAccessToken: PERMISSION_DENIED" stays readable.
 _PATTERNS = (
@@ -27,8 +36,13 @@ _PATTERNS = (
     re.compile(r"(?i)(\bbearer\s+)[\w.~+/-]+=*"),
     re.compile(r"(?i)([\"'](?:" + _KEYS + r")[\"']\s*:\s*[\"'])[^\"']+"),
     re.compile(r"(?i)((?<![\w-])(?:" + _KEYS + r")=)[^&\s\"']+"),
-    re.compile(r"(?i)([\"']?(?:authorization|x-amz-security-token)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
-    re.compile(r"(?i)(signature=)[0-9a-f]{16,}"),
+    # Header values, in a dict repr as botocore prints them: a str or a bytes literal.
+    re.compile(r"(?i)([\"']?(?:authorization|x-amz-security-token)[\"']?\s*[:=]\s*b?[\"']?)[^\s\"',}]+"),
+    # SigV4: "Signature=<hex>" in the Authorization header, "Signature:\n<hex>" in botocore's
+    # debug line (a real newline, or "\n" once JSON-escaped).
+    re.compile(r"(?i)(\bsignature\s*[=:](?:\s|\\n)*)[0-9a-f]{16,}"),
+    # XML response bodies (AWS STS AssumeRole*, GetSessionToken).
+    re.compile(r"(?i)(<(?:SecretAccessKey|SessionToken|Token|AccessToken|IdToken|Assertion)>)[^<]+"),
 )
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -61,6 +75,25 @@ def remember_secret(value: str) -> None:
     SECRETS.add(value)
 
 
+def remember_subject_token(value: str) -> None:
+    """Remember a subject token, and for an AWS one (a URL-encoded signed request) the
+    session token and signature inside it, so each is redacted wherever it shows up
+    verbatim: botocore logs them separately, never as the token the broker built."""
+    SECRETS.add(value)
+    if not value.startswith("%7B"):
+        return
+    try:
+        request = json.loads(unquote(value))
+        headers = {h["key"].lower(): str(h["value"]) for h in request["headers"]}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return
+    if "x-amz-security-token" in headers:
+        SECRETS.add(headers["x-amz-security-token"])
+    signature = re.search(r"Signature=([0-9a-f]+)", headers.get("authorization", ""))
+    if signature:
+        SECRETS.add(signature.group(1))
+
+
 def redact(text: str) -> str:
     text = SECRETS.redact(text)
     for pattern in _PATTERNS:
@@ -70,17 +103,19 @@ def redact(text: str) -> str:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
+        # Each value is redacted before JSON escaping (patterns see real newlines and
+        # quotes, as botocore wrote them), and the line once more after.
+        entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
+                entry[key] = value if isinstance(value, int | float | bool | None) else redact(str(value))
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact(self.formatException(record.exc_info))
         return redact(json.dumps(entry, ensure_ascii=False))
 
 
@@ -95,11 +130,29 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record) + (f" [{extras}]" if extras else ""))
 
 
-def setup_logging(level: str, fmt: str) -> None:
+class _Levels(logging.Filter):
+    """``log-level`` for the broker's own loggers, ``log-level-third-party`` for every
+    other one (botocore, urllib3, azure, msal, aiohttp, asyncio): at debug those print
+    request headers and bodies, so they need asking for separately."""
+
+    def __init__(self, own: int, third_party: int) -> None:
+        super().__init__()
+        self.own = own
+        self.third_party = third_party
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "broker" or record.name.startswith("broker.")
+        return record.levelno >= (self.own if ours else self.third_party)
+
+
+def setup_logging(level: str, fmt: str, third_party: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    own, other = logging.getLevelName(level.upper()), logging.getLevelName(third_party.upper())
+    handler.addFilter(_Levels(own, other))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    # The root passes what either side wants; the handler's filter sorts them out.
+    root.setLevel(min(own, other))
     # aiohttp's access log would print every request line; our metrics count them.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

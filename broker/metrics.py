@@ -97,6 +97,24 @@ AWS_PROVIDER = Gauge(
     ["method"],
     registry=REGISTRY,
 )
+CACHE_EVICTIONS = Counter(
+    "wif_broker_cache_evictions_total",
+    "Keys dropped because a token cache reached its cap (max-scope-sets, max-audiences).",
+    ["kind"],
+    registry=REGISTRY,
+)
+RATE_LIMITED = Counter(
+    "wif_broker_rate_limited_total",
+    "Cache misses refused with 429 because the upstream-rate budget was spent.",
+    ["kind"],
+    registry=REGISTRY,
+)
+DEFAULT_SERVABLE = Gauge(
+    "wif_broker_default_token_servable",
+    "1 while the default-scope access token is cached and servable; 0 during an outage "
+    "(readiness stays latched while a retry is in progress).",
+    registry=REGISTRY,
+)
 CACHED_TOKENS = Gauge("wif_broker_cached_tokens", "Tokens held per kind.", ["kind"], registry=REGISTRY)
 
 for _kind in Kind:
@@ -104,6 +122,8 @@ for _kind in Kind:
     for _outcome in Outcome:
         REFRESHES.labels(kind=_kind.value, outcome=_outcome.value)
     STALE_SERVED.labels(kind=_kind.value)
+    CACHE_EVICTIONS.labels(kind=_kind.value)
+    RATE_LIMITED.labels(kind=_kind.value)
 for _upstream in Upstream:
     UPSTREAM_SECONDS.labels(upstream=_upstream.value)
     for _outcome in Outcome:

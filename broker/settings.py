@@ -60,6 +60,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("min-serve-ttl", "int", 300, "never serve a token with fewer seconds left"),
     Spec("log-level", "str", "info", "debug | info | warning | error"),
     Spec("log-format", "str", "json", "json | text"),
+    Spec("max-audiences", "int", 256, "ID-token audiences cached at most (least recently used evicted)"),
+    Spec("max-scope-sets", "int", 64, "access-token scope sets cached at most (least recently used evicted)"),
+    Spec("upstream-rate", "int", 20, "cache misses per second allowed to call IAM (burst: twice this)"),
+    Spec("log-level-third-party", "str", "info", "botocore, urllib3, msal, azure: debug | info | ..."),
 )
 NAMES = {spec.name for spec in SPECS}
 
@@ -93,6 +97,10 @@ class Settings:
     instance_name: str
     instance_id: str
     imds_passthrough: str = ""  # base URL of the host cloud's IMDS; "" = refuse non-GCE paths
+    max_audiences: int = 256
+    max_scope_sets: int = 64
+    upstream_rate: int = 20  # per second; the bucket holds twice this
+    log_level_third_party: str = "info"
 
     @property
     def impersonating(self) -> bool:
@@ -246,6 +254,12 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
     if refresh_before <= min_ttl:
         raise ConfigError("refresh-before", f"must be greater than min-serve-ttl ({min_ttl})")
     check_logging(values["log-level"], values["log-format"])
+    third_party = values["log-level-third-party"]
+    if third_party not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log-level-third-party", f"{third_party!r} is not debug, info, warning or error")
+    for name in ("max-audiences", "max-scope-sets", "upstream-rate"):
+        if not 1 <= values[name] <= 1_000_000:
+            raise ConfigError(name, f"{values[name]} is not between 1 and 1000000")
     if values["aws-credentials"] not in ("chain", "strict"):
         raise ConfigError("aws-credentials", f"{values['aws-credentials']!r} is not chain or strict")
     listen = tuple(parse_address("listen", item) for item in values["listen"])
@@ -270,6 +284,10 @@ def build(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
         # A stable 19-digit id: clients only require digits (Go InstanceID, .NET).
         instance_id=str(int(hashlib.sha256(host.encode()).hexdigest()[:15], 16) % 10**19).rjust(19, "1"),
         imds_passthrough=_passthrough(values["imds-passthrough"] or "", listen),
+        max_audiences=values["max-audiences"],
+        max_scope_sets=values["max-scope-sets"],
+        upstream_rate=values["upstream-rate"],
+        log_level_third_party=values["log-level-third-party"],
     )
 
 

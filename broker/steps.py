@@ -84,7 +84,7 @@ class ChainSteps:
     async def subject_token(self) -> str:
         upstream = _UPSTREAM_OF_SOURCE.get(self.source.kind, metrics.Upstream.SUBJECT_TOKEN)
         subject = await self._timed(Step.SUBJECT_TOKEN, self.source.subject_token, upstream)
-        logs.remember_secret(subject)
+        logs.remember_subject_token(subject)
         # Kept for the fixes of later steps: a refused exchange quotes the token's
         # claims, and an IAM denial after a cached exchange still names this subject.
         self._context = replace(self._context, subject=subject_of(subject))

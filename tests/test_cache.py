@@ -14,9 +14,9 @@ from dataclasses import replace
 import pytest
 
 from broker import metrics
-from broker.cache import Policy, TokenCache
+from broker.cache import Policy, TokenBucket, TokenCache
 from broker.clock import ManualClock
-from broker.errors import BrokerError, Denied, Step, Transient
+from broker.errors import BrokerError, Denied, RateLimited, Step, Transient
 from broker.tokens import ScopeSet, Token, TokenKind
 
 LIFETIME = 3600
@@ -305,3 +305,40 @@ async def test_close_cancels_every_owned_task(clock: ManualClock) -> None:
         await pending
     leftover = {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
     assert leftover == set()
+
+
+async def test_capped_cache_evicts_least_recently_used_and_their_refreshers(clock: ManualClock) -> None:
+    upstream = Upstream(clock)
+    cache = make_cache(clock, upstream, keep_warm=lambda k: k == "warm", max_entries=3)
+    await cache.get("warm")
+    for key in "abcdef":
+        await cache.get(key)
+        await cache.get("warm")  # a hit: never evicted anyway, being keep-warm
+    assert len(cache) == 3
+    assert [k for k in "abcdef" if cache.servable(k)] == ["e", "f"]
+    tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
+    assert len(tasks) == 3  # one refresher per kept key; the evicted keys' were cancelled
+    upstream.calls.clear()
+    await cache.get("e")
+    await cache.get("f")
+    await clock.advance(LIFETIME - 600)
+    assert sorted(set(map(str, upstream.calls))) == ["e", "f", "warm"]  # no evicted key reloaded
+    await cache.close()
+
+
+async def test_bucket_refuses_misses_but_not_keep_warm_keys_nor_hits(clock: ManualClock) -> None:
+    upstream = Upstream(clock)
+    bucket = TokenBucket(rate=2, burst=3, clock=clock)
+    cache = make_cache(clock, upstream, keep_warm=lambda k: k == "warm", bucket=bucket)
+    for key in "abc":
+        await cache.get(key)
+    with pytest.raises(RateLimited) as refused:
+        await cache.get("d")
+    assert refused.value.retry_after == 1
+    assert upstream.calls == ["a", "b", "c"]
+    await cache.get("a")  # a hit
+    await cache.get("warm")  # exempt: the default token is never starved
+    await clock.advance(0.5)
+    await cache.get("d")
+    assert upstream.calls == ["a", "b", "c", "warm", "d"]
+    await cache.close()

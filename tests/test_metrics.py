@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import settings
+from broker import metrics, settings
 from broker.clock import ManualClock
 from broker.fakes import FakeGoogle
 from tests.conftest import run_broker
@@ -78,7 +78,7 @@ async def test_metrics_follow_a_cold_request_a_hit_and_a_failure(
                 assert "@" not in label, (name, key)
 
 
-async def test_readiness_goes_back_to_503_when_nothing_servable_is_left(
+async def test_readiness_latches_through_an_outage_until_nothing_retries(
     tmp_path: Path, make_settings: Callable[..., settings.Settings]
 ) -> None:
     clock = ManualClock(start=1_900_000_000.0)
@@ -106,8 +106,20 @@ async def test_readiness_goes_back_to_503_when_nothing_servable_is_left(
             assert await ready(broker.admin_url) == 200
             assert await fetch(broker.url + TOKEN) == 200
             await clock.advance(20)  # now under min-serve-ttl: nothing servable is left
-            assert await ready(broker.admin_url) == 503
+            # SPEC §8: ready stays latched while the refresh retries; the outage shows in a
+            # metric (and a log line) instead of a failed probe that restarts the sidecar.
+            assert await ready(broker.admin_url) == 200
             assert await fetch(broker.url + TOKEN) == 503
+            assert metrics.REGISTRY.get_sample_value("wif_broker_default_token_servable") == 0
+            # A denial evicts the token and ends the retries: nothing servable, nothing retrying.
+            google.sts._canned.clear()
+            google.iam._canned.clear()
+            google.iam.service_accounts.clear()
+            for _ in range(40):
+                if await ready(broker.admin_url) == 503:
+                    break
+                await clock.advance(30)
+            assert await ready(broker.admin_url) == 503
 
 
 async def ready(admin_url: str) -> int:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from broker import metrics
 from broker.appkeys import CHAIN, CLOCK, SETTINGS, SHUTDOWN, TREE
-from broker.errors import BrokerError
+from broker.errors import BrokerError, RateLimited
 from broker.metadata import tree, watch
 from broker.metadata.wire import ENDPOINT_KEY, JSON, TEXT, Handler, error_response, respond
 from broker.tokens import IdTokenKey, ScopeSet
@@ -19,6 +19,10 @@ PREFIX = "/computeMetadata/v1/"
 # or 5xx, but ignores 404 (metadata-protocol.md §1.7).
 GCLOUD_AUDIENCE = "32555940559.apps.googleusercontent.com"
 _TOKEN_JSON = b'{"access_token":%s,"expires_in":%d,"token_type":"Bearer"}'
+MAX_AUDIENCE_BYTES = 1024  # SPEC §8; an audience is a URL or a client ID, never near this
+# C0 controls (tab included) and DEL: no legitimate audience has them, and they would
+# end up in a JWT claim, a cache key and possibly a log line.
+_CONTROLS = frozenset(map(chr, [*range(0x20), 0x7F]))
 
 
 async def root(request: web.Request) -> web.Response:
@@ -117,14 +121,18 @@ async def identity(request: web.Request) -> web.Response:
     audience = request.query.get("audience", "")
     if not audience:
         return error_response(400, "Bad Request: non-empty audience parameter required")
+    if len(audience.encode("utf-8", "surrogatepass")) > MAX_AUDIENCE_BYTES:
+        return error_response(400, f"Bad Request: audience longer than {MAX_AUDIENCE_BYTES} bytes")
+    if not _CONTROLS.isdisjoint(audience):
+        return error_response(400, "Bad Request: audience contains control characters")
     fmt = request.query.get("format", "standard")
     if fmt not in ("standard", "full"):
         return error_response(400, "Bad Request: format must be standard or full")
     key = IdTokenKey(audience=audience, include_email=fmt == "full")
     try:
         id_token = await request.app[CHAIN].id_token(key)
-    except BrokerError:
-        if audience == GCLOUD_AUDIENCE:
+    except BrokerError as exc:
+        if audience == GCLOUD_AUDIENCE and not isinstance(exc, RateLimited):
             return error_response(404, "Not Found: no ID token for gcloud's own audience")
         raise
     return respond(id_token.value.encode(), TEXT)

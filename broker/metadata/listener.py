@@ -34,6 +34,7 @@ from http import HTTPStatus
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -244,8 +245,29 @@ def _resume_after_close(context: dict[str, Any]) -> bool:
     )
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs each request its parser refuses (an oversized head, bad syntax) at
+    ERROR with a traceback, so any local process could fill the log at will, and the
+    message may quote the request's bytes. One WARNING line naming the error instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "refused a malformed HTTP request: %s (HTTP %d)"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info, record.exc_text = None, None
+            record.event = "bad_request"
+        return True
+
+
+_MALFORMED = MalformedRequests()
+
+
 def prepare_process(loop: asyncio.AbstractEventLoop) -> None:
-    """Before the listeners open: the fd limit raised, accept errors rate-limited (idempotent)."""
+    """Before the listeners open: the fd limit raised, accept errors rate-limited, refused
+    requests logged in one line (idempotent)."""
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # adding it twice is a no-op
     raise_fd_limit()
     previous = loop.get_exception_handler()
     if not isinstance(previous, AcceptErrorLog):

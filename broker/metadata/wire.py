@@ -31,7 +31,8 @@
 * Outside ``/computeMetadata/`` (the catch-all: 404, or the IMDS pass-through of
   transparent mode, ``passthrough.py``) only the guard applies: any method, no
   flavor check. Unknown paths are 404 whatever the method.
-* :class:`BrokerError` → 503 (transient) or 403/404 (denied), body redacted.
+* :class:`BrokerError` → 503 (transient) or 403/404 (denied), body redacted;
+  :class:`RateLimited` → 429 with ``Retry-After`` in whole seconds.
 
 This is a handler wrapper rather than an aiohttp middleware: the route table
 ends in a catch-all, so every request reaches a wrapped handler anyway, and
@@ -51,7 +52,7 @@ from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from broker import logs, metrics
-from broker.errors import BrokerError, NotFound, Transient
+from broker.errors import BrokerError, NotFound, RateLimited, Transient
 from broker.metadata.tree import JSON, TEXT
 
 log = logging.getLogger("broker.metadata")
@@ -133,6 +134,8 @@ def gce_wire(
             response = error_response(_status_of(exc), logs.redact(exc.describe()), html=False)
             if isinstance(exc, Transient):
                 response.headers["Retry-After"] = "1"
+            elif isinstance(exc, RateLimited):
+                response.headers["Retry-After"] = str(max(1, int(exc.retry_after or 1)))
         except Exception:
             log.exception("unhandled error in metadata handler", extra={"event": "internal_error"})
             response = error_response(500, "Internal error")
@@ -234,6 +237,8 @@ def _host_name(host: str) -> str | None:
 
 
 def _status_of(exc: BrokerError) -> int:
+    if isinstance(exc, RateLimited):
+        return 429
     if isinstance(exc, Transient):
         return 503
     return 404 if isinstance(exc, NotFound) else 403

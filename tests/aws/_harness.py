@@ -4,7 +4,7 @@ Builds the aws1 credential file (as ``gcloud … create-cred-config --aws
 --enable-imdsv2`` writes it, with the Google URLs pointing at FakeGoogle), runs
 the two real clients (gcloud, google-auth) against a running broker with no AWS
 variables in their environment, and reads back what the fakes and the broker
-saw: STS subjects, the signing key, the botocore provider and the identity log.
+saw: STS subjects, the signing key, the botocore provider.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from broker import metrics, settings
 from broker.fakes import FakeGoogle
 from tests.clients._subproc import Completed, client_env, run
 from tests.conftest import RunningBroker, run_broker
-from tests.fakes.aws import AWS4_REQUEST_TYPE, SignedRequest, parse_aws_subject_token
+from tests.fakes.aws import AWS4_REQUEST_TYPE, FakeAws, SignedRequest, parse_aws_subject_token
 
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
 VERIFICATION_URL = "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15"
@@ -121,7 +121,7 @@ def signed_requests(google: FakeGoogle) -> list[SignedRequest]:
 
 
 class RecordCatcher(logging.Handler):
-    """Keeps the broker's log records (the test asserts on the one-off identity line)."""
+    """Keeps the broker's log records."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -141,19 +141,6 @@ class RecordCatcher(logging.Handler):
         logger = logging.getLogger("broker")
         logger.removeHandler(self)
         logger.setLevel(self._level)
-
-    async def identity(self) -> dict[str, str]:
-        """The fields of the 'native identity' line the daemon logs once after start-up."""
-        try:
-            async with asyncio.timeout(15):
-                while True:
-                    for record in self.records:
-                        if getattr(record, "event", None) == "identity":
-                            keys = ("kind", "region", "provider", "principal", "bind", "error")
-                            return {k: str(getattr(record, k)) for k in keys if hasattr(record, k)}
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise AssertionError("the broker never logged its native identity") from None
 
 
 def aws_free_client_env(broker: RunningBroker, config_dir: Path) -> dict[str, str]:
@@ -219,16 +206,22 @@ async def token_response(broker: RunningBroker) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
+def caller_identity_calls(aws: FakeAws) -> list[Any]:
+    """GetCallerIdentity requests FakeAwsSts received: botocore's own STS client asking
+    who it is (what ``check`` does). The signed request Google STS replays never reaches
+    FakeAwsSts: FakeGoogle's STS verifies it with the account's secrets itself."""
+    return [c for c in aws.sts.calls if (c.form or {}).get("Action") == "GetCallerIdentity"]
+
+
 @contextlib.asynccontextmanager
 async def described_broker(
     resolved: settings.Settings, **kwargs: Any
 ) -> AsyncIterator[tuple[RunningBroker, RecordCatcher]]:
-    """``run_broker`` that, before stopping, waits for the daemon's one-off identity line.
+    """``run_broker`` with the broker's log records caught.
 
-    The daemon describes the identity in a worker thread (botocore blocks); stopping
-    the fakes under it would leave that thread waiting on a dead socket.
+    ``run`` no longer describes the native identity (SPEC §8: GetCallerIdentity is
+    egress the chain does not need; ``check`` does it), so there is no line to wait for.
     """
     with RecordCatcher() as logs:
         async with run_broker(resolved, **kwargs) as broker:
             yield broker, logs
-            await logs.identity()

@@ -99,7 +99,7 @@ async def sandbox(
                 AWS_SECRET_ACCESS_KEY=creds.secret_access_key,
                 AWS_SESSION_TOKEN=creds.session_token,
                 AWS_REGION="us-east-2",
-                # The daemon logs who it is (STS GetCallerIdentity): to the fake, never to AWS.
+                # Should anything ask AWS STS (nothing in `run` does): the fake, never AWS.
                 AWS_ENDPOINT_URL_STS=aws.sts_url,
                 AWS_EC2_METADATA_DISABLED="true",  # belt and braces: botocore never tries IMDS
                 AWS_LAMBDA_FUNCTION_NAME=FUNCTION_NAME,
