@@ -281,8 +281,8 @@ def markdown(res: AbuseResult, command: str) -> str:
 {res.audiences:,} distinct ID-token audiences and {res.scope_sets:,} distinct scope sets from
 {res.workers} concurrent clients, with {res.half_open_held:,} of {res.half_open_asked:,} half-open
 connections (a request head never finished) held throughout; a probe asks for the default token
-every 10 ms. Soft `RLIMIT_NOFILE` raised to {res.nofile_soft:,} for both processes (the broker
-raises its own on the `wire` branch). CPU pinning: {res.pinning}.
+every 10 ms. Soft `RLIMIT_NOFILE` raised to {res.nofile_soft:,} for the abuser (the broker
+raises its own at start). CPU pinning: {res.pinning}.
 
 | Figure | Measured | Target | |
 |---|---|---|---|
@@ -334,7 +334,7 @@ _SUITE_ROWS = (
     ),
 )
 SUITE = (
-    "### In-suite tests for SPEC §8 (this branch; each fails on the commit before it)\n\n"
+    "### In-suite tests for SPEC §8 (each failed before its fix)\n\n"
     "| Test | What it proves |\n|---|---|\n"
     + "\n".join(f"| {test} | {proves} |" for test, proves in _SUITE_ROWS)
 )
@@ -347,22 +347,23 @@ _ROWS = (
         "with `Retry-After`; keep at most `max-audiences` (256) ID-token and `max-scope-sets` (64) "
         "access-token keys in memory, failed keys included",
         "Make the broker call IAM faster than the bucket allows; grow its memory with distinct "
-        "audiences or scope sets; starve the default token (exempt from the bucket, never evicted) or "
+        "audiences, scope sets or half-open connections (1,024 at most, the oldest idle one "
+        "displaced by a newcomer, heads due within 10 s); starve the default token (exempt from "
+        "the bucket, never evicted) or "
         "the pre-warm; get a 500 from a long or control-character audience (400). It can still slow "
         "legitimate requests down by saturating the CPU (p99 above)",
     ),
     (
         "A browser page on the node (DNS rebinding, `fetch` to 127.0.0.1)",
         "Reach the port",
-        "Get an answer: `Host` allowlist, `Origin` / `Sec-Fetch-*` -> 403 (`wire` branch); reading a "
+        "Get an answer: `Host` allowlist, `Origin` / `Sec-Fetch-*` -> 403; reading a "
         "response cross-origin also needs `Metadata-Flavor`, a non-simple header whose CORS preflight "
         "the broker never grants",
     ),
     (
         "A proxy, or a request forwarded by one",
         "Reach the port if it is exposed",
-        "Get a token: `X-Forwarded-For`, `Forwarded`, `Via`, `X-Real-IP`, `X-Forwarded-Host` -> 403 "
-        "(all but `X-Forwarded-For` on the `wire` branch)",
+        "Get a token: `X-Forwarded-For`, `Forwarded`, `Via`, `X-Real-IP`, `X-Forwarded-Host` -> 403",
     ),
     (
         "An operator at `--log-level debug --log-level-third-party debug`",

@@ -138,7 +138,9 @@ async def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
     assert 0.5 <= elapsed <= 5, elapsed
 
 
-async def test_the_1025th_connection_gets_503_and_is_closed(tmp_path: Path) -> None:
+async def test_at_the_cap_a_new_client_displaces_the_oldest_idle_connection(tmp_path: Path) -> None:
+    """1,024 connections held open with no request (what a local process flooding half-open
+    sockets does): the next client is served, and the oldest idle connection is closed."""
     async with FakeGoogle() as google, ready_broker(write_settings(tmp_path, google)) as broker:
         held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         try:
@@ -148,21 +150,59 @@ async def test_the_1025th_connection_gets_503_and_is_closed(tmp_path: Path) -> N
             reader, writer = held[-1]
             writer.write(HEAD)
             assert (await read_response(reader))[0] == 200
-            reader, writer = await connect(broker.host)
+            for _ in range(3):  # each newcomer displaces the next-oldest idle one
+                reader, writer = await connect(broker.host)
+                writer.write(HEAD)
+                assert (await read_response(reader))[0] == 200
+                writer.close()
+            for oldest_reader, _ in held[:3]:
+                assert await asyncio.wait_for(oldest_reader.read(), 30) == b"", "not displaced"
+        finally:
+            for _, writer in held:
+                writer.close()
+
+
+async def test_when_every_connection_is_busy_a_new_one_gets_503(tmp_path: Path) -> None:
+    """At the cap with every connection serving a request (here long-polls), a new client
+    gets a bare 503 with the GCE headers and is closed; a freed slot serves again."""
+    limits = listener.Limits(max_connections=4)
+    async with FakeGoogle() as google, guarded(tmp_path, google, limits) as address:
+        reader, writer = await connect(address)
+        writer.write(HEAD)
+        status, _ = await read_response(reader)
+        assert status == 200
+        writer.close()
+        etag_reader, etag_writer = await connect(address)
+        etag_writer.write(HEAD)
+        head = (await asyncio.wait_for(etag_reader.readuntil(b"\r\n\r\n"), 30)).decode("latin-1")
+        etag_writer.close()
+        etag = next(
+            line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("etag:")
+        )
+        poll = (
+            f"GET {LEAF}?wait_for_change=true&last_etag={etag}&timeout_sec=30 HTTP/1.1\r\n"
+            "Host: localhost\r\nMetadata-Flavor: Google\r\n\r\n"
+        ).encode()
+        polls = []
+        try:
+            for _ in range(limits.max_connections):
+                polls.append(await connect(address))
+                polls[-1][1].write(poll)
+            await asyncio.sleep(0.5)  # every poll is in its handler now
+            reader, writer = await connect(address)
             refused = await asyncio.wait_for(reader.read(), 30)
             writer.close()
             assert refused.startswith(b"HTTP/1.1 503 "), refused[:100]
             assert b"Metadata-Flavor: Google" in refused
-            # A cap, not a crash: one freed slot serves a new client.
-            held.pop(0)[1].close()
+            polls.pop(0)[1].close()  # a client hangs up: its slot is freed
             await asyncio.sleep(0.5)
-            reader, writer = await connect(broker.host)
+            reader, writer = await connect(address)
             writer.write(HEAD)
             assert (await read_response(reader))[0] == 200
             writer.close()
         finally:
-            for _, writer in held:
-                writer.close()
+            for _, poll_writer in polls:
+                poll_writer.close()
 
 
 async def test_the_257th_long_poll_gets_503(tmp_path: Path) -> None:

@@ -8,8 +8,12 @@ hour of keep-alive, no connection cap):
   opening, or of the first byte of a later request on it → connection closed
   (slowloris: bytes dribbled forever hold a socket and a parser);
 * an idle keep-alive connection is closed after ``KEEPALIVE_TIMEOUT`` (60 s);
-* beyond ``MAX_CONNECTIONS`` (1,024) open connections a new one gets a bare 503
-  with the GCE headers and is closed at once: the file descriptors left are for
+* at ``MAX_CONNECTIONS`` (1,024) open connections a new one displaces the oldest
+  connection that has no request in progress (a head not yet complete, or an idle
+  keep-alive): a local process holding half-open sockets cannot lock legitimate
+  clients out, since their heads arrive at once and they are never the oldest idle
+  one. Only when every connection is serving a request does a new one get a bare
+  503 with the GCE headers and is closed; the file descriptors left are for
   upstream calls and the admin probes;
 * accept errors (``EMFILE``, out of file descriptors) are logged at most once a
   second, without a traceback: asyncio logs each with one otherwise, per
@@ -103,6 +107,18 @@ class _Server(web.Server):
         self.limits = limits
         self.error_headers = error_headers
         self.open = 0  # connections whose protocol is live (aiohttp's dict lags: it waits for tasks)
+        # Live connections, oldest first (a dict keeps insertion order): whom to displace.
+        self.live: dict[_Protocol, None] = {}
+
+    def displace_oldest_idle(self) -> bool:
+        """Close the oldest connection with no request in progress; False if all are busy."""
+        for protocol in self.live:
+            if not protocol.busy:
+                protocol.release()
+                log.debug("displaced an idle connection at the cap", extra={"event": "displaced"})
+                protocol.force_close()
+                return True
+        return False
 
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=self._loop, **self._kwargs)
@@ -117,22 +133,32 @@ class _Protocol(RequestHandler):
         self._counted = False
         self._head_timer: asyncio.TimerHandle | None = None
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._request_in_progress)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         server = self._server
-        if server.open >= server.limits.max_connections:
+        if server.open >= server.limits.max_connections and not server.displace_oldest_idle():
             assert isinstance(transport, asyncio.Transport)
             transport.write(_FULL)
             self.force_close()
             return
         server.open += 1
+        server.live[self] = None
         self._counted = True
         self._arm()  # the first head is due within head_timeout of the connection
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def release(self) -> None:
+        """Stop counting this connection (it is closing)."""
         if self._counted:
             self._server.open -= 1
+            self._server.live.pop(self, None)
             self._counted = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.release()
         self._disarm()
         super().connection_lost(exc)
 
