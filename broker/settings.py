@@ -183,23 +183,31 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"{path!r} holds a number out of range") from None
 
 
-def collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Merge the four layers into raw-but-typed values, rejecting unknown names."""
+def collect(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    specs: tuple[Spec, ...] = SPECS,
+    label: str = "setting",
+) -> dict[str, Any]:
+    """Merge the four layers into raw-but-typed values, rejecting unknown names.
+
+    ``specs``/``label``: another command's table (the webhook's), same rules."""
+    names = {spec.name for spec in specs}
     for key in environ:
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower().replace("_", "-")
-            if name not in NAMES and name != "config":
-                raise ConfigError(key, "unknown setting")
+            if name not in names and name != "config":
+                raise ConfigError(key, f"unknown {label}")
     config_path = flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
     toml: dict[str, Any] = {}
     for key, value in (_read_toml(config_path) if config_path else {}).items():
         name = key.replace("_", "-")  # TOML may spell names with "_" or "-"
-        if name not in NAMES:
+        if name not in names:
             # Named as written, so the operator can find it in the file.
-            raise ConfigError(key, f"unknown setting in {config_path}")
+            raise ConfigError(key, f"unknown {label} in {config_path}")
         toml[name] = value
     values: dict[str, Any] = {}
-    for spec in SPECS:
+    for spec in specs:
         env_key = ENV_PREFIX + spec.name.upper().replace("-", "_")
         flag = flags.get(spec.name.replace("-", "_"))
         if flag is not None and flag != []:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 
 from broker.fakes import FakeGoogle
+from tests.clients._subproc import check_process
 from tests.conftest import SA
 
 MEMBER = (
@@ -16,27 +14,9 @@ MEMBER = (
 )
 
 
-async def run_check(cred_file: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker",
-        "check",
-        "--credentials",
-        str(cred_file),
-        "--log-level",
-        "error",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
 async def test_check_passes_and_shows_what_each_step_saw(google: FakeGoogle, cred_file: Path) -> None:
-    code, out, err = await run_check(cred_file)
+    result = await check_process(cred_file)
+    code, out, err = result.returncode, result.stdout, result.stderr
     assert code == 0, out + err
     assert "ok    native identity (file): path=" in out
     assert "iss=https://oidc.fake.wif-broker.invalid" in out
@@ -53,7 +33,8 @@ async def test_check_passes_and_shows_what_each_step_saw(google: FakeGoogle, cre
 
 async def test_check_explains_an_iam_denial(google: FakeGoogle, cred_file: Path) -> None:
     google.iam.service_accounts.clear()
-    code, out, _ = await run_check(cred_file)
+    result = await check_process(cred_file)
+    code, out = result.returncode, result.stdout
     assert code == 1
     assert "ok    STS token exchange" in out
     assert "FAIL  generateAccessToken: PERMISSION_DENIED" in out

@@ -311,14 +311,10 @@ def _webhook_admits_a_pod(installed: Installed, tmp: Path) -> None:
     api = FakeApiServer(tmp).start()
     try:
         api.add("team-a", "app", {"iam.gke.io/gcp-service-account": _pods.SA_EMAIL})
-        process = WebhookProcess(
+        process = WebhookProcess.annotated_default(
             tmp,
             api.write_kubeconfig(tmp / "kubeconfig"),
-            tmp / "server.pem",
-            tmp / "server.key",
-            tmp / "ca.pem",
-            f"--sidecar-image={_pods.IMAGE}",
-            f"--audience={_pods.AUDIENCE}",
+            tmp,
             program=[str(installed.program)],
             environ=installed.env(),
         )

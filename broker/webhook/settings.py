@@ -22,7 +22,7 @@ from typing import Any
 from broker import credconfig
 from broker import settings as sidecar_settings
 from broker.errors import ConfigError
-from broker.settings import ENV_PREFIX, Address, Spec, check_logging, parse_address
+from broker.settings import Address, Spec, check_logging, parse_address
 
 # An OCI reference: [registry/]path[:tag][@digest]; no spaces, nothing a shell would split.
 JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -49,7 +49,6 @@ SPECS: tuple[Spec, ...] = (
     Spec("log-level", "str", "info", "debug | info | warning | error"),
     Spec("log-format", "str", "json", "json | text"),
 )
-NAMES = {spec.name for spec in SPECS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,37 +108,9 @@ def check_sidecar(args: list[str]) -> None:
     sidecar_settings.build(flags, environ={})
 
 
-def _collect(flags: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    for key in environ:
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX) :].lower().replace("_", "-")
-            if name not in NAMES and name != "config":
-                raise ConfigError(key, "unknown webhook setting")
-    config_path = flags.get("config") or environ.get(ENV_PREFIX + "CONFIG")
-    toml: dict[str, Any] = {}
-    for key, value in (sidecar_settings._read_toml(config_path) if config_path else {}).items():
-        name = key.replace("_", "-")
-        if name not in NAMES:
-            raise ConfigError(key, f"unknown webhook setting in {config_path}")
-        toml[name] = value
-    values: dict[str, Any] = {}
-    for spec in SPECS:
-        env_key = ENV_PREFIX + spec.name.upper().replace("-", "_")
-        flag = flags.get(spec.name.replace("-", "_"))
-        if flag is not None:
-            values[spec.name] = sidecar_settings._coerce(spec, flag, "flag")
-        elif environ.get(env_key):
-            values[spec.name] = sidecar_settings._coerce(spec, environ[env_key], env_key)
-        elif spec.name in toml:
-            values[spec.name] = sidecar_settings._coerce(spec, toml[spec.name], "config file")
-        else:
-            values[spec.name] = spec.default
-    return values
-
-
 def build(flags: Mapping[str, Any], environ: Mapping[str, str]) -> WebhookSettings:
     """Resolve every webhook setting; raise ConfigError on the first problem."""
-    values = _collect(flags, environ)
+    values = sidecar_settings.collect(flags, environ, SPECS, "webhook setting")
     for name in ("tls-cert-file", "tls-key-file", "sidecar-image"):
         if not values[name]:
             raise ConfigError(name, "is required")

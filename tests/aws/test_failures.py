@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from tests.aws._harness import (
     token_response,
     upstream_aws_calls,
 )
-from tests.clients._subproc import Completed, run
+from tests.clients._subproc import check_process
 from tests.fakes.aws import ISOLATED_ENV, FakeAws, FakeAwsAccount, FakeImds, accept_aws
 
 ROLE = "arn:aws:sts::123456789012:assumed-role/wif-broker-role"
@@ -75,22 +73,6 @@ def write_credentials(tmp_path: Path, google: FakeGoogle, metadata_base: str) ->
     return path
 
 
-async def check(cred_file: Path) -> Completed:
-    """``wif-broker check`` as a process, with this test's AWS environment."""
-    return await run(
-        sys.executable,
-        "-m",
-        "broker",
-        "check",
-        "--credentials",
-        str(cred_file),
-        "--log-level",
-        "error",
-        env={k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")},
-        expect_ok=False,
-    )
-
-
 async def broker_answer(cred_file: Path) -> tuple[int, str]:
     async with described_broker(broker_settings(cred_file)) as (broker, _):
         return await token_response(broker)
@@ -102,7 +84,7 @@ async def test_check_shows_region_provider_principal_and_member(
     async with FakeAws() as aws:
         accept_aws(google.sts, aws.account)
         setenv(monkeypatch, {**aws.imds_env(), "AWS_ENDPOINT_URL_STS": aws.sts_url})
-        result = await check(write_credentials(tmp_path, google, aws.imds_url))
+        result = await check_process(write_credentials(tmp_path, google, aws.imds_url))
     assert result.returncode == 0, result.describe()
     lines = result.stdout.splitlines()
     principal = f"{ROLE}/i-0123456789abcdef0"
@@ -132,7 +114,7 @@ async def test_no_credentials_lists_the_providers_tried(
     assert "is unreachable (not on EC2)" in body, body
     assert "Fix: run with an IAM role" in body, body
 
-    result = await check(cred_file)
+    result = await check_process(cred_file)
     assert result.returncode == 1, result.describe()
     assert f"FAIL  native identity: no AWS credentials found; {TRIED}" in result.stdout, result.describe()
     assert "fix: run with an IAM role (task role, IRSA, Pod Identity or instance profile)" in result.stdout
@@ -156,7 +138,7 @@ async def test_imds_timeout_points_at_the_hop_limit(
             assert "accepted the connection but did not answer in 1s" in body, body
             assert HOP_LIMIT in body, body
 
-            result = await check(cred_file)
+            result = await check_process(cred_file)
             assert result.returncode == 1, result.describe()
             assert "FAIL  native identity: no AWS credentials found" in result.stdout, result.describe()
             assert "fix: if this runs in a container on EC2, IMDSv2 needs a hop limit of 2" in result.stdout
@@ -198,7 +180,7 @@ async def test_sts_rejecting_the_signature_is_explained(
         assert status == 403, body
         assert body.startswith(f"sts failed (HTTP 400): {rejected}"), body
 
-        result = await check(cred_file)
+        result = await check_process(cred_file)
         assert result.returncode == 1, result.describe()
         assert f"principal=unknown (GetCallerIdentity failed: {aws_code})" in result.stdout, result.describe()
         assert f"FAIL  STS token exchange: {rejected}" in result.stdout, result.describe()

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from broker.fakes._service import serve_loopback
 from tests.aws._harness import credential_info as aws_credential_info
 from tests.aws.test_failures import HopLimitedImds
 from tests.check.cases import CASES, DOC, MEMBER, POOL, STATIC, Case, fill, render_doc
-from tests.clients._subproc import Completed, run
+from tests.clients._subproc import check_process
 from tests.conftest import run_broker
 from tests.fakes.aws import ISOLATED_ENV, FakeAws, accept_aws
 
@@ -168,22 +166,6 @@ async def scenario(key: str, google: FakeGoogle, tmp_path: Path) -> AsyncIterato
     yield Scenario(cred, values=values)
 
 
-async def check(cred_file: Path, env: dict[str, str]) -> Completed:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")}
-    return await run(
-        sys.executable,
-        "-m",
-        "broker",
-        "check",
-        "--credentials",
-        str(cred_file),
-        "--log-level",
-        "error",
-        env={**base, **env},
-        expect_ok=False,
-    )
-
-
 async def symptom(case: Case, setup: Scenario, cred_file: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """What a client sees: the broker's answer, the start-up error, or (case 6) IMDS's answer."""
     if setup.imds:
@@ -230,7 +212,7 @@ async def test_check_names_the_step_and_the_fix(
     async with scenario(case.key, google, tmp_path) as setup:
         cred_file = tmp_path / "credentials.json"
         cred_file.write_text(json.dumps(setup.cred))
-        result = await check(cred_file, setup.env)
+        result = await check_process(cred_file, setup.env)
         seen = await symptom(case, setup, cred_file, monkeypatch)
     values = {**STATIC, **setup.values}
     line, fix = fill(case.line, values), fill(case.fix, values)
@@ -272,7 +254,7 @@ async def test_a_healthy_configuration_passes_every_step_and_prints_no_token(
     token_file.write_text(subject + "\n")
     cred_file = tmp_path / "credentials.json"
     cred_file.write_text(json.dumps(google.credential_info(str(token_file))))
-    result = await check(cred_file, {})
+    result = await check_process(cred_file)
     assert result.returncode == 0, result.describe()
     lines = result.stdout.splitlines()
     steps = [text.split(" ", 1)[0] for text in lines if not text.startswith((" ", "audience", "account"))]

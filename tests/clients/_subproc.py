@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +111,24 @@ async def run(
     if timed_out:
         pytest.fail(f"client did not finish within {limit_seconds:.0f}s:{result.describe()}")
     return result.check() if expect_ok else result
+
+
+async def check_process(cred_file: Path, env: Mapping[str, str] | None = None) -> Completed:
+    """``wif-broker check`` as a process (``python -m broker``): this test's environment,
+    no ``WIF_BROKER_*`` from outside, plus ``env``. Its exit code is the result, not a failure."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")}
+    return await run(
+        sys.executable,
+        "-m",
+        "broker",
+        "check",
+        "--credentials",
+        str(cred_file),
+        "--log-level",
+        "error",
+        env={**base, **(env or {})},
+        expect_ok=False,
+    )
 
 
 def jwt_payload(token: str) -> dict[str, Any]:

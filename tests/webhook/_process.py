@@ -78,6 +78,24 @@ class WebhookProcess:
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy between the "API server" and the webhook
 
+    @classmethod
+    def annotated_default(
+        cls, tmp: Path, kubeconfig: Path, tls: Path, *flags: str, **kwargs: Any
+    ) -> WebhookProcess:
+        """The usual webhook: the test CA's files in ``tls`` (tests.fakes.tls.make_test_ca),
+        the test image and provider audience, then ``flags``."""
+        return cls(
+            tmp,
+            kubeconfig,
+            tls / "server.pem",
+            tls / "server.key",
+            tls / "ca.pem",
+            f"--sidecar-image={_pods.IMAGE}",
+            f"--audience={_pods.AUDIENCE}",
+            *flags,
+            **kwargs,
+        )
+
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}/mutate"

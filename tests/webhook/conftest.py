@@ -34,14 +34,10 @@ def webhook(
     tmp_path_factory: pytest.TempPathFactory, apiserver: FakeApiServer, webhook_tls: Path
 ) -> Iterator[WebhookProcess]:
     tmp = tmp_path_factory.mktemp("webhook")
-    process = WebhookProcess(
+    process = WebhookProcess.annotated_default(
         tmp,
         apiserver.write_kubeconfig(tmp / "kubeconfig"),
-        webhook_tls / "server.pem",
-        webhook_tls / "server.key",
-        webhook_tls / "ca.pem",
-        f"--sidecar-image={_pods.IMAGE}",
-        f"--audience={_pods.AUDIENCE}",
+        webhook_tls,
     )
     try:
         process.wait_ready()

@@ -15,14 +15,10 @@ from tests.webhook._process import WebhookProcess
 def test_debug_log_never_shows_the_api_token(
     tmp_path: Path, apiserver: FakeApiServer, webhook_tls: Path
 ) -> None:
-    process = WebhookProcess(
+    process = WebhookProcess.annotated_default(
         tmp_path,
         apiserver.write_kubeconfig(tmp_path / "kubeconfig"),
-        webhook_tls / "server.pem",
-        webhook_tls / "server.key",
-        webhook_tls / "ca.pem",
-        f"--sidecar-image={_pods.IMAGE}",
-        f"--audience={_pods.AUDIENCE}",
+        webhook_tls,
         "--log-level=debug",
     )
     try:
@@ -41,14 +37,10 @@ def test_sigterm_turns_unready_but_keeps_answering_then_exits_0(
 ) -> None:
     """With failurePolicy: Fail a closed port refuses pods: after SIGTERM the replica says
     503 on /readyz (the endpoints controller drops it) and answers reviews until the delay ends."""
-    process = WebhookProcess(
+    process = WebhookProcess.annotated_default(
         tmp_path,
         apiserver.write_kubeconfig(tmp_path / "kubeconfig"),
-        webhook_tls / "server.pem",
-        webhook_tls / "server.key",
-        webhook_tls / "ca.pem",
-        f"--sidecar-image={_pods.IMAGE}",
-        f"--audience={_pods.AUDIENCE}",
+        webhook_tls,
         "--shutdown-delay=3",
     )
     process.wait_ready()
@@ -71,14 +63,10 @@ def test_wrong_bearer_token_is_a_refusal_naming_rbac(
     webhook reports as a refusal (never as an admission without injection)."""
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig")
     kubeconfig.write_text(kubeconfig.read_text().replace(apiserver.token, "not-the-token"))
-    process = WebhookProcess(
+    process = WebhookProcess.annotated_default(
         tmp_path,
         kubeconfig,
-        webhook_tls / "server.pem",
-        webhook_tls / "server.key",
-        webhook_tls / "ca.pem",
-        f"--sidecar-image={_pods.IMAGE}",
-        f"--audience={_pods.AUDIENCE}",
+        webhook_tls,
     )
     try:
         process.wait_ready()
@@ -96,14 +84,10 @@ def test_api_server_certificate_is_verified(
     """A kubeconfig trusting another CA: the TLS handshake fails and the pod is refused."""
     kubeconfig = apiserver.write_kubeconfig(tmp_path / "kubeconfig")
     kubeconfig.write_text(kubeconfig.read_text().replace(str(apiserver.ca_file), str(webhook_tls / "ca.pem")))
-    process = WebhookProcess(
+    process = WebhookProcess.annotated_default(
         tmp_path,
         kubeconfig,
-        webhook_tls / "server.pem",
-        webhook_tls / "server.key",
-        webhook_tls / "ca.pem",
-        f"--sidecar-image={_pods.IMAGE}",
-        f"--audience={_pods.AUDIENCE}",
+        webhook_tls,
     )
     try:
         process.wait_ready()
