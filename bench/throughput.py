@@ -309,6 +309,11 @@ async def run_wrk(
         ],
         core,
     )
+    return await wrk_result(cmd, server, connections, duration)
+
+
+async def wrk_result(cmd: list[str], server: str, connections: int, duration: int) -> WrkRun:
+    """Run a wrk command line (``duration`` seconds of load) and parse what it printed."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )

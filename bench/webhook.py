@@ -114,20 +114,7 @@ async def _wrk(url: str, script: Path, concurrency: int, seconds: int) -> throug
         str(script),
         url,
     ]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), seconds + throughput.WRK_GRACE)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
-    if proc.returncode != 0:
-        raise BenchError(f"wrk exited {proc.returncode}:\n{text}")
-    return throughput.parse_wrk("webhook", concurrency, seconds, text)
+    return await throughput.wrk_result(cmd, "webhook", concurrency, seconds)
 
 
 async def _injected(admin_url: str) -> float:
