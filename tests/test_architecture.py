@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests import pyast
+
 ROOT = Path(__file__).resolve().parent.parent / "broker"
 
 
 def imports_of(module: Path) -> set[str]:
     names: set[str] = set()
-    for node in ast.walk(ast.parse(module.read_text())):
+    for node in ast.walk(pyast.parse(module.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:

@@ -33,6 +33,7 @@ import pytest
 import broker
 from broker import cli
 from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
+from tests import pyast
 from tests.fakes.aws import ISOLATED_ENV, FakeAws, accept_aws
 from tests.fakes.azure import DEFAULT_APP, FakeAzure
 from tests.fakes.tls import make_test_ca
@@ -391,7 +392,7 @@ def _product_imports(wheel: Path) -> set[str]:
         for member in zf.namelist():
             if not member.endswith(".py"):
                 continue
-            tree = ast.parse(zf.read(member))
+            tree = pyast.parse(zf.read(member))
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):
                     names.update(alias.name for alias in node.names)

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests import pyast
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "compatibility.md"
 README = ROOT / "README.md"  # carries the same generated table
@@ -239,7 +241,7 @@ def existing_tests(client_only: bool) -> set[str]:
     ids: set[str] = set()
     base = ROOT / "tests" / "clients" if client_only else ROOT / "tests"
     for module in sorted(base.rglob("test_*.py")):
-        tree = ast.parse(module.read_text())
+        tree = pyast.parse(module.read_text())
         if client_only and not _marks_client(tree):
             continue
         ids.update(_tests_in(tree, module.relative_to(ROOT).as_posix()))
