@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import os
 import shutil
 import socket
@@ -39,6 +41,36 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but is not on PATH")
         pytest.skip(f"{name} not installed")
     return path
+
+
+class _DestroyedTasks(logging.Handler):
+    """Counts asyncio's "Task was destroyed but it is pending!": a loop some test left with
+    live tasks. Left alone, the garbage collector destroys them in a later, unrelated test,
+    whose code is then interrupted by their finalizers (CI once failed an ``ast.parse``
+    that way, tests/pyast.py), so the suite fails on it instead, naming the coroutine."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Task was destroyed but it is pending"):
+            self.seen.append(message.splitlines()[-1][:300])
+
+
+_DESTROYED = _DestroyedTasks()
+logging.getLogger("asyncio").addHandler(_DESTROYED)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    gc.collect()
+    if _DESTROYED.seen and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for task in _DESTROYED.seen if reporter is not None else ():
+        reporter.ensure_newline()
+        reporter.write_line(f"FAILED: a test left an asyncio task pending: {task}", red=True)
 
 
 @pytest.fixture(autouse=True)

@@ -130,9 +130,21 @@ class FakeApiServer:
         return self
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        await self._runner.cleanup()
+        # A "hang" handler outlives cleanup's grace period. Left pending, it is destroyed
+        # whenever the garbage collector reaches this loop, in some later test: cancelled
+        # here, as asyncio.run does with what is left at its end.
+        current = asyncio.current_task()
+        rest = [task for task in asyncio.all_tasks() if task is not current]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def write_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig as ``kubectl config view --raw`` would show it (JSON is YAML)."""
