@@ -115,6 +115,41 @@ async def test_distinct_audiences_beyond_the_budget_get_429_and_call_nothing(mak
     assert id_calls(broker.google) == 15
 
 
+async def test_a_closed_loop_of_refused_requests_is_paced(make_broker: Any) -> None:
+    """A caller that asks again as soon as it is answered (what a flood of distinct audiences
+    does) gets each 429 after a 0.5-1 s pause (listener.pace_refusal), so 4 such clients make
+    a few requests a second, not thousands; the default token is served at once meanwhile.
+    The bucket never refills here (the ManualClock stands still); the pause is real time."""
+    broker: Broker = await make_broker(upstream_rate=1)  # burst 2
+    sent: list[tuple[int, float]] = []  # (status, seconds until answered)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2.0
+
+    async def closed_loop(worker: int) -> None:
+        i = 0
+        while loop.time() < deadline:
+            began = loop.time()
+            status, _, headers = await broker.identity(f"https://flood-{worker}-{i}.example")
+            sent.append((status, loop.time() - began))
+            if status == 429:
+                assert int(headers["Retry-After"]) >= 1
+            i += 1
+
+    flood = asyncio.gather(*(closed_loop(w) for w in range(4)))
+    await asyncio.sleep(0.2)  # the flood is in its pauses now
+    began = loop.time()
+    assert (await broker.token())[0] == 200  # a cache hit is not paced
+    hit_seconds = loop.time() - began
+    await flood
+    statuses = [status for status, _ in sent]
+    assert statuses.count(200) == 2, statuses
+    assert id_calls(broker.google) == 2
+    # Each worker: at most 2 s / 0.5 s + 1 answers (plus the burst's two 200s).
+    assert statuses.count(429) <= 4 * 5, len(statuses)
+    assert all(seconds >= 0.5 for status, seconds in sent if status == 429), sent
+    assert hit_seconds < 0.5, hit_seconds
+
+
 async def test_denied_audiences_are_charged_and_stay_inside_the_cap(make_broker: Any) -> None:
     broker: Broker = await make_broker(max_audiences=4, upstream_rate=1000)
     broker.google.iam.service_accounts.clear()  # every generateIdToken is now 403

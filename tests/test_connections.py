@@ -105,9 +105,12 @@ async def test_an_incomplete_head_is_closed_at_10_s_an_idle_keep_alive_is_not(tm
 
 
 @contextlib.asynccontextmanager
-async def guarded(tmp_path: Path, google: FakeGoogle, limits: listener.Limits) -> AsyncIterator[str]:
-    """The daemon's metadata app behind the daemon's runner class, with ``limits``."""
-    resolved = write_settings(tmp_path, google)
+async def guarded(
+    tmp_path: Path, google: FakeGoogle, limits: listener.Limits, **flags: object
+) -> AsyncIterator[str]:
+    """The daemon's metadata app behind the daemon's runner class, with ``limits``
+    (and settings ``flags``)."""
+    resolved = write_settings(tmp_path, google, **flags)
     clock = SystemClock()
     async with aiohttp.ClientSession() as session:
         chain = TokenChain(resolved, build_source(resolved.cred, session, environ={}), session, clock)
@@ -203,6 +206,36 @@ async def test_when_every_connection_is_busy_a_new_one_gets_503(tmp_path: Path) 
         finally:
             for _, poll_writer in polls:
                 poll_writer.close()
+
+
+async def test_a_paused_refusal_does_not_hold_a_slot_at_the_cap(tmp_path: Path) -> None:
+    """Connections whose 429 is being paused (listener.pace_refusal) count as idle at the
+    cap: a flood that parks a refused request on every connection cannot lock a new client
+    out; the newcomer displaces the oldest parked one, which is closed unanswered."""
+    limits = listener.Limits(max_connections=4, refusal_pause=(30.0, 30.0))
+    async with FakeGoogle() as google, guarded(tmp_path, google, limits, upstream_rate=1) as address:
+        parked = []
+        try:
+            for i in range(2 + limits.max_connections):  # the burst (2), then refusals
+                reader, writer = await connect(address)
+                writer.write(
+                    f"GET {V1}/instance/service-accounts/default/identity?audience=https://a{i}.example "
+                    "HTTP/1.1\r\nHost: localhost\r\nMetadata-Flavor: Google\r\n\r\n".encode()
+                )
+                if i < 2:
+                    assert (await read_response(reader))[0] == 200
+                    writer.close()
+                else:
+                    parked.append((reader, writer))
+            await asyncio.sleep(0.5)  # every refusal is in its pause now
+            reader, writer = await connect(address)
+            writer.write(HEAD)
+            assert (await read_response(reader))[0] == 200  # not the bare 503 of a full house
+            writer.close()
+            assert await asyncio.wait_for(parked[0][0].read(), 30) == b"", "oldest parked not displaced"
+        finally:
+            for _, parked_writer in parked:
+                parked_writer.close()
 
 
 async def test_the_257th_long_poll_gets_503(tmp_path: Path) -> None:

@@ -19,7 +19,14 @@ hour of keep-alive, no connection cap):
   second, without a traceback: asyncio logs each with one otherwise, per
   listener, for as long as the shortage lasts;
 * the soft ``RLIMIT_NOFILE`` is raised to the hard limit at start (containers
-  often start with 1,024 soft, which the connection cap alone would use up).
+  often start with 1,024 soft, which the connection cap alone would use up);
+* a request refused by the upstream budget (429) gets its answer after a pause
+  (:func:`pace_refusal`, 0.5 to 1 s, never past the ``Retry-After`` it carries):
+  a caller cycling through distinct audiences in a closed loop is held to about
+  a request per second per connection instead of taking the one event loop from
+  everyone else (bench/abuse.py). Jittered, so the refused do not come back in
+  step; a paused connection counts as idle at the cap (displaceable), so parked
+  requests cannot lock other clients out.
 
 Long-polls are bounded where they wait (``watch.py``); a client that hangs up
 frees its slot at once (``handler_cancellation``). The limits are a frozen
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +54,7 @@ log = logging.getLogger("broker.listener")
 HEAD_TIMEOUT: Final = 10.0
 KEEPALIVE_TIMEOUT: Final = 60.0
 MAX_CONNECTIONS: Final = 1024
+REFUSAL_PAUSE: Final = (0.5, 1.0)
 # One connection past the cap is answered this and closed: a client sees why.
 _FULL: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -67,6 +76,7 @@ class Limits:
     head_timeout: float = HEAD_TIMEOUT
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    refusal_pause: tuple[float, float] = REFUSAL_PAUSE  # seconds, drawn uniformly
 
 
 class GuardedRunner(web.AppRunner):
@@ -125,17 +135,18 @@ class _Server(web.Server):
 
 
 class _Protocol(RequestHandler):
-    __slots__ = ("_counted", "_head_timer", "_server")
+    __slots__ = ("_counted", "_head_timer", "_server", "paused")
 
     def __init__(self, manager: _Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._server = manager
         self._counted = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self.paused = False  # its request's answer is a refusal held by pace_refusal
 
     @property
     def busy(self) -> bool:
-        return bool(self._request_in_progress)
+        return bool(self._request_in_progress) and not self.paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -205,6 +216,21 @@ class _Protocol(RequestHandler):
         self._head_timer = None
         log.debug("closed a connection whose request head was incomplete", extra={"event": "head_timeout"})
         self.force_close()
+
+
+async def pace_refusal(request: web.BaseRequest) -> None:
+    """Hold a 429's answer for the listener's ``refusal_pause`` (see the module's notes);
+    the connection may be displaced meanwhile."""
+    protocol = request.protocol if isinstance(request.protocol, _Protocol) else None
+    low, high = protocol._server.limits.refusal_pause if protocol is not None else REFUSAL_PAUSE
+    if protocol is not None:
+        protocol.paused = True
+    try:
+        # Not a secret: jitter so that refused clients spread out.
+        await asyncio.sleep(random.uniform(low, high))
+    finally:
+        if protocol is not None:
+            protocol.paused = False
 
 
 def raise_fd_limit() -> None:

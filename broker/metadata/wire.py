@@ -32,7 +32,8 @@
   transparent mode, ``passthrough.py``) only the guard applies: any method, no
   flavor check. Unknown paths are 404 whatever the method.
 * :class:`BrokerError` → 503 (transient) or 403/404 (denied), body redacted;
-  :class:`RateLimited` → 429 with ``Retry-After`` in whole seconds.
+  :class:`RateLimited` → 429 with ``Retry-After`` in whole seconds, answered after
+  the listener's pause (``listener.pace_refusal``).
 
 This is a handler wrapper rather than an aiohttp middleware: the route table
 ends in a catch-all, so every request reaches a wrapped handler anyway, and
@@ -53,6 +54,7 @@ from multidict import CIMultiDict, istr
 
 from broker import logs, metrics
 from broker.errors import BrokerError, NotFound, RateLimited, Transient
+from broker.metadata.listener import pace_refusal
 from broker.metadata.tree import JSON, TEXT
 
 log = logging.getLogger("broker.metadata")
@@ -143,6 +145,8 @@ def gce_wire(
             metrics.count_request(request.get(ENDPOINT_KEY, endpoint), response.status)
         else:
             cells[min(response.status // 100, 5)].value += 1
+        if response.status == 429:
+            await pace_refusal(request)  # a closed-loop flood of refusals is slowed down (listener.py)
         return response
 
     return wrapped
