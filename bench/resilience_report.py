@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.abuse import BEGIN as ABUSE_BEGIN
 from bench.common import write_report
 
 if TYPE_CHECKING:
@@ -658,8 +659,15 @@ def plots(res: Results, directory: Path) -> list[str]:
 
 
 def write(res: Results, path: Path, with_plots: bool) -> list[str]:
-    """Write the report (and plots); return notices for the console."""
-    return write_report(res, path, with_plots, markdown, plots)
+    """Write the report (and plots); return notices for the console. The abuse section at
+    the end of the file (``python -m bench abuse --output``, from its begin marker on, the
+    notes under it included) is another bench's and is kept."""
+    existing = path.read_text() if path.exists() else ""
+    at = existing.find(ABUSE_BEGIN)
+    notices = write_report(res, path, with_plots, markdown, plots)
+    if at >= 0:
+        path.write_text(path.read_text().rstrip("\n") + "\n\n" + existing[at:])
+    return notices
 
 
 def save(res: Results, path: Path) -> None:
