@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from broker.chain import TokenChain
-from broker.clock import SystemClock
+from broker.clock import Clock, ManualClock, SystemClock
 from broker.fakes import FakeGoogle
 from broker.metadata import listener, watch
 from broker.metadata.app import create_metadata_app
@@ -106,12 +106,12 @@ async def test_an_incomplete_head_is_closed_at_10_s_an_idle_keep_alive_is_not(tm
 
 @contextlib.asynccontextmanager
 async def guarded(
-    tmp_path: Path, google: FakeGoogle, limits: listener.Limits, **flags: object
+    tmp_path: Path, google: FakeGoogle, limits: listener.Limits, clock: Clock | None = None, **flags: object
 ) -> AsyncIterator[str]:
     """The daemon's metadata app behind the daemon's runner class, with ``limits``
-    (and settings ``flags``)."""
+    (and the broker's ``clock`` and settings ``flags``)."""
     resolved = write_settings(tmp_path, google, **flags)
-    clock = SystemClock()
+    clock = clock or SystemClock()
     async with aiohttp.ClientSession() as session:
         chain = TokenChain(resolved, build_source(resolved.cred, session, environ={}), session, clock)
         runner = listener.GuardedRunner(
@@ -213,7 +213,11 @@ async def test_a_paused_refusal_does_not_hold_a_slot_at_the_cap(tmp_path: Path) 
     cap: a flood that parks a refused request on every connection cannot lock a new client
     out; the newcomer displaces the oldest parked one, which is closed unanswered."""
     limits = listener.Limits(max_connections=4, refusal_pause=(30.0, 30.0))
-    async with FakeGoogle() as google, guarded(tmp_path, google, limits, upstream_rate=1) as address:
+    clock = ManualClock()  # the bucket (burst 2) never refills: exactly two 200s, then 429s
+    async with (
+        FakeGoogle(now=clock.wall) as google,
+        guarded(tmp_path, google, limits, clock, upstream_rate=1) as address,
+    ):
         parked = []
         try:
             for i in range(2 + limits.max_connections):  # the burst (2), then refusals
