@@ -214,7 +214,7 @@ async def measure(
 ) -> AbuseResult:
     res = AbuseResult(audiences, scope_sets, half_open_count, workers=workers, machine=machine_info())
     res.nofile_soft = raise_nofile(2 * half_open_count + 4096)
-    res.pinning = "broker core 0, abuser and fakes core 1" if pin else "none"
+    res.pinning = "broker core 0; abuser, fakes and probe core 1" if pin else "none"
     if pin:  # as bench/throughput does: the two sides do not steal each other's core
         os.sched_setaffinity(0, {1})
     with tempfile.TemporaryDirectory(prefix="wif-abuse-") as tmp:
@@ -303,9 +303,9 @@ def markdown(res: AbuseResult, command: str) -> str:
 {m.get("python", "")}. One broker process with default settings against the in-process fakes;
 {res.audiences:,} distinct ID-token audiences and {res.scope_sets:,} distinct scope sets from
 {res.workers} concurrent clients, with {res.half_open_held:,} of {res.half_open_asked:,} half-open
-connections (a request head never finished) held throughout; a probe asks for the default token
-every 10 ms. Soft `RLIMIT_NOFILE` raised to {res.nofile_soft:,} for the abuser (the broker
-raises its own at start). CPU pinning: {res.pinning}.
+connections (a request head never finished) held throughout; a probe (a process of its own, on
+the abuser's core) asks for the default token every 10 ms. Soft `RLIMIT_NOFILE` raised to
+{res.nofile_soft:,} for the abuser (the broker raises its own at start). CPU pinning: {res.pinning}.
 
 | Figure | Measured | Target | |
 |---|---|---|---|
