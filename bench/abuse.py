@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from bench.common import (
     child_env,
     free_port,
     machine_info,
+    median,
     pinned,
     started,
     wait_ok,
@@ -233,7 +233,7 @@ async def measure(
                 rest, rest_failures = await (await Probe.start(port, REST_PROBES, probe_core)).finished()
                 if rest_failures or not rest:
                     raise BenchError(f"{rest_failures} probe failures at rest:\n{child.log_tail()}")
-                res.p99_rest_ms, res.p50_rest_ms = p99(rest), statistics.median(rest)
+                res.p99_rest_ms, res.p50_rest_ms = p99(rest), median(rest)
 
                 iam_before, sts_before = len(google.iam.calls), len(google.sts.calls)
                 urls = [f"{SA_PATH}identity?audience=https://abuse-{i}.example" for i in range(audiences)]
@@ -252,7 +252,7 @@ async def measure(
                 res.duration_s = time.perf_counter() - began
                 res.probes = len(during) + res.probe_failures
                 res.p99_abuse_ms = p99(during)
-                res.p50_abuse_ms = statistics.median(during) if during else float("nan")
+                res.p50_abuse_ms = median(during) if during else float("nan")
                 await asyncio.sleep(1.0)
                 res.rss_after_mb = rss_mb(child.pid)
                 res.upstream_iam = len(google.iam.calls) - iam_before

@@ -23,15 +23,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from broker.chain import TokenChain
-from broker.clock import Clock, ManualClock, SystemClock
+from broker.clock import Clock, ManualClock
 from broker.fakes import FakeGoogle
 from broker.metadata import listener, watch
-from broker.metadata.app import create_metadata_app
-from broker.sources import build_source
-from tests.resilience._support import ready_broker, write_settings
+from tests.resilience._support import ready_broker, serve_chain, write_settings
 
 V1 = "/computeMetadata/v1"
 LEAF = f"{V1}/project/project-id"
@@ -109,22 +105,10 @@ async def guarded(
     tmp_path: Path, google: FakeGoogle, limits: listener.Limits, clock: Clock | None = None, **flags: object
 ) -> AsyncIterator[str]:
     """The daemon's metadata app behind the daemon's runner class, with ``limits``
-    (and the broker's ``clock`` and settings ``flags``)."""
+    (and the broker's ``clock`` and settings ``flags``); yields ``host:port``."""
     resolved = write_settings(tmp_path, google, **flags)
-    clock = clock or SystemClock()
-    async with aiohttp.ClientSession() as session:
-        chain = TokenChain(resolved, build_source(resolved.cred, session, environ={}), session, clock)
-        runner = listener.GuardedRunner(
-            create_metadata_app(resolved, chain, clock), limits=limits, access_log=None
-        )
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            host, port = runner.addresses[0][:2]
-            yield f"{host}:{port}"
-        finally:
-            await runner.cleanup()
-            await chain.close()
+    async with aiohttp.ClientSession() as session, serve_chain(resolved, session, clock, limits) as url:
+        yield url.removeprefix("http://")
 
 
 async def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:

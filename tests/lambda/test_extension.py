@@ -23,7 +23,7 @@ from tests.clients._subproc import run
 from tests.clients._toolchains import require_module
 from tests.conftest import require_tool
 
-from ._sandbox import TOKEN_PATH, exit_status, extension, sandbox
+from ._sandbox import TOKEN_PATH, Sandbox, exit_status, extension, sandbox
 
 
 async def test_first_invoke_is_served_from_cache(tmp_path: Path) -> None:
@@ -97,19 +97,27 @@ async def test_iam_denial_during_init_is_reported_and_exits_non_zero() -> None:
         assert box.runtime.violations == []
 
 
+async def in_flight_at_iam(
+    box: Sandbox, session: aiohttp.ClientSession, url: str
+) -> asyncio.Task[aiohttp.ClientResponse]:
+    """A token request to the extension, started and seen at IAM (its second call there)."""
+    request = asyncio.create_task(
+        session.get(url, headers={"Metadata-Flavor": "Google"}, timeout=aiohttp.ClientTimeout(10))
+    )
+    # The fakes signal nothing on arrival; poll their call log (bounded by the timeout).
+    async with asyncio.timeout(10):
+        while box.counts()[1] < 2:  # noqa: ASYNC110  # the request reached IAM: in flight
+            await asyncio.sleep(0.02)
+    return request
+
+
 async def test_shutdown_lets_an_in_flight_request_finish() -> None:
     async with sandbox() as box, extension(box) as proc:
         await box.runtime.wait_for_poll(1)
         box.google.iam.delay_seconds = 1.0  # the next mint (a new scope set) is slow
         url = f"http://{box.metadata_host}{TOKEN_PATH}?scopes=https://www.googleapis.com/auth/devstorage.read_only"
         async with aiohttp.ClientSession() as session:
-            request = asyncio.create_task(
-                session.get(url, headers={"Metadata-Flavor": "Google"}, timeout=aiohttp.ClientTimeout(10))
-            )
-            # The fakes signal nothing on arrival; poll their call log (bounded by the timeout).
-            async with asyncio.timeout(10):
-                while box.counts()[1] < 2:  # noqa: ASYNC110  # the request reached IAM: in flight
-                    await asyncio.sleep(0.02)
+            request = await in_flight_at_iam(box, session, url)
             deadline = box.runtime.deliver_shutdown(deadline_seconds=2.0)
             async with await request as response:
                 body = await response.json()
@@ -152,12 +160,7 @@ async def test_shutdown_exits_0_by_the_deadline_even_if_a_request_is_stuck() -> 
         gate = box.google.iam.gate = asyncio.Event()  # this mint does not finish before the deadline
         url = f"http://{box.metadata_host}{TOKEN_PATH}?scopes=https://www.googleapis.com/auth/bigquery"
         async with aiohttp.ClientSession() as session:
-            request = asyncio.create_task(
-                session.get(url, headers={"Metadata-Flavor": "Google"}, timeout=aiohttp.ClientTimeout(10))
-            )
-            async with asyncio.timeout(10):
-                while box.counts()[1] < 2:  # noqa: ASYNC110  # the request reached IAM: in flight
-                    await asyncio.sleep(0.02)
+            request = await in_flight_at_iam(box, session, url)
             deadline = box.runtime.deliver_shutdown(deadline_seconds=1.0)
             status, output = await exit_status(proc)
             exited_at = time.time()

@@ -26,6 +26,7 @@ from broker.chain import TokenChain
 from broker.clock import Clock, ManualClock, SystemClock
 from broker.fakes import FakeGoogle
 from broker.fakes._service import FakeService
+from broker.metadata import listener
 from broker.metadata.app import create_metadata_app
 from broker.sources import build_source
 from tests.conftest import PROJECT, RunningBroker, credential_info, run_broker
@@ -189,17 +190,26 @@ async def step_until(
 
 @contextlib.asynccontextmanager
 async def serve_chain(
-    resolved: settings.Settings, session: aiohttp.ClientSession, clock: Clock | None = None
+    resolved: settings.Settings,
+    session: aiohttp.ClientSession,
+    clock: Clock | None = None,
+    limits: listener.Limits | None = None,
 ) -> AsyncIterator[str]:
     """The metadata app over a TokenChain that uses ``session`` (e.g. a short ClientTimeout).
 
     Same app factory, chain and source builder as the daemon; only the outbound
-    session differs. Yields the base URL.
+    session differs. With ``limits``, behind the daemon's runner class holding them.
+    Yields the base URL.
     """
     clock = clock or SystemClock()
     source = build_source(resolved.cred, session, environ={})
     chain = TokenChain(resolved, source, session, clock)
-    runner = web.AppRunner(create_metadata_app(resolved, chain, clock), access_log=None)
+    app = create_metadata_app(resolved, chain, clock)
+    runner = (
+        web.AppRunner(app, access_log=None)
+        if limits is None
+        else listener.GuardedRunner(app, limits=limits, access_log=None)
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
