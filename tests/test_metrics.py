@@ -112,8 +112,8 @@ async def test_readiness_latches_through_an_outage_until_nothing_retries(
             assert await fetch(broker.url + TOKEN) == 503
             assert metrics.REGISTRY.get_sample_value("wif_broker_default_token_servable") == 0
             # A denial evicts the token and ends the retries: nothing servable, nothing retrying.
-            google.sts._canned.clear()
-            google.iam._canned.clear()
+            google.sts.recover()
+            google.iam.recover()
             google.iam.service_accounts.clear()
             for _ in range(40):
                 if await ready(broker.admin_url) == 503:

@@ -127,7 +127,10 @@ class FakeService:
         self.delay_seconds: float = 0.0
         self.gate: asyncio.Event | None = None
         self.calls: list[Recorded] = []
-        self._canned: deque[_Canned] = deque()
+        # One entry per fail_next call with the answers it has left, not one per answer: a
+        # long outage is fail_next(count=10**6), and a million objects cost a second to make
+        # and the garbage collector seconds to walk on every full pass thereafter.
+        self._canned: deque[tuple[_Canned, int]] = deque()  # (answer, times left)
 
     def fail_next(
         self,
@@ -137,7 +140,12 @@ class FakeService:
         headers: dict[str, str] | None = None,
     ) -> None:
         """Answer the next ``count`` requests with this response instead of the real logic."""
-        self._canned.extend(_Canned(status, body, headers) for _ in range(count))
+        if count > 0:
+            self._canned.append((_Canned(status, body, headers), count))
+
+    def recover(self) -> None:
+        """Drop the canned answers still queued: the real logic answers again."""
+        self._canned.clear()
 
     def app(self) -> web.Application:
         """A fresh aiohttp application serving this fake."""
@@ -164,7 +172,9 @@ class FakeService:
         if self.delay_seconds > 0:
             await asyncio.sleep(self.delay_seconds)
         if self._canned:
-            canned = self._canned.popleft()
+            canned, left = self._canned.popleft()
+            if left > 1:
+                self._canned.appendleft((canned, left - 1))
             if isinstance(canned.body, str):
                 return web.Response(status=canned.status, text=canned.body, headers=canned.headers)
             return web.json_response(canned.body, status=canned.status, headers=canned.headers)

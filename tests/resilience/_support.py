@@ -125,7 +125,7 @@ class Outage:
     """A fake answering every request with ``status`` until :meth:`end`.
 
     ``fail_next`` queues canned answers; a long outage queues plenty and ending it
-    drops what is left. FakeService has no public call for that, hence ``_canned``.
+    drops what is left (``recover``).
     """
 
     def __init__(self, fake: FakeService, status: int, body: dict[str, Any] | str, **kwargs: Any) -> None:
@@ -144,7 +144,7 @@ class Outage:
         return self.fake.calls[self.calls_before].at
 
     def end(self) -> None:
-        self.fake._canned.clear()
+        self.fake.recover()
 
 
 def write_settings(
