@@ -1,7 +1,7 @@
 """Lambda's freeze, simulated with SIGSTOP/SIGCONT (SPEC §10).
 
 Between invokes Lambda stops every process in the sandbox: wall time moves on, no
-timer fires. Tokens here live 20 s (refresh-before 8 s, min-serve-ttl 4 s); the
+timer fires. Tokens here live 10 s (refresh-before 4 s, min-serve-ttl 2 s); the
 extension is frozen right after init, as Lambda freezes a sandbox until its first
 invoke, and thawed when the default token is no longer servable. The invoke must
 make the extension refresh before it asks for the next event, and the function,
@@ -19,13 +19,16 @@ import aiohttp
 
 from ._sandbox import TOKEN_PATH, exit_status, extension, sandbox
 
-LIFETIME = 20
-MIN_SERVE_TTL = 4
+LIFETIME = 10
+MIN_SERVE_TTL = 2
+REFRESH_BEFORE = 4
 
 
 async def test_invoke_after_a_thaw_refreshes_before_the_next_event() -> None:
     async with (
-        sandbox(lifetime_seconds=LIFETIME, refresh_before="8", min_serve_ttl=str(MIN_SERVE_TTL)) as box,
+        sandbox(
+            lifetime_seconds=LIFETIME, refresh_before=str(REFRESH_BEFORE), min_serve_ttl=str(MIN_SERVE_TTL)
+        ) as box,
         extension(box) as proc,
     ):
         first = await box.runtime.wait_for_poll(1)
@@ -61,7 +64,9 @@ async def test_a_request_right_after_a_thaw_never_gets_a_short_lived_token() -> 
     hit is judged by the wall clock, so the stale token is not served; the request
     waits for a fresh one instead."""
     async with (
-        sandbox(lifetime_seconds=LIFETIME, refresh_before="8", min_serve_ttl=str(MIN_SERVE_TTL)) as box,
+        sandbox(
+            lifetime_seconds=LIFETIME, refresh_before=str(REFRESH_BEFORE), min_serve_ttl=str(MIN_SERVE_TTL)
+        ) as box,
         extension(box) as proc,
     ):
         first = await box.runtime.wait_for_poll(1)
