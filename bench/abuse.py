@@ -348,7 +348,9 @@ _SUITE_ROWS = (
     (
         "`tests/test_signals.py`",
         "a real process: SIGTERM with IAM hanging exits 0 in < 10 s (the client gets 503 after 5 "
-        "s); SIGHUP swaps in a new account (`default/email`, next mint); a broken TOML or "
+        "s); SIGHUP swaps in a new account (`default/email`, next mint) without refusing or "
+        "resetting one of ~1,000 connections opened meanwhile, and moves to new addresses or "
+        "back to the old ones if they are taken; a broken TOML or "
         "credential file -> one log line naming it, still serving",
     ),
     (

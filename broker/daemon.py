@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from broker import httpclient
+from broker import binding, httpclient
 from broker.admin import SERVER as ADMIN_SERVER
 from broker.admin import create_admin_app
 from broker.chain import TokenChain
@@ -45,6 +45,7 @@ class _Serving:
     admin: web.AppRunner
     metadata: web.AppRunner
     warm: asyncio.Task[None]
+    listening: binding.Listening  # the sockets under both runners' sites
 
 
 async def serve(
@@ -77,8 +78,8 @@ async def serve(
         session = httpclient.new_session()
         stack.push_async_callback(session.close)
         serving = await _start(settings, session, clock, shutdown, None)
-        addresses = [_fmt(a) for a in serving.metadata.addresses]
-        admin_addresses = [_fmt(a) for a in serving.admin.addresses]
+        addresses = [binding.display(a) for a in serving.metadata.addresses]
+        admin_addresses = [binding.display(a) for a in serving.admin.addresses]
         if on_listening is not None:
             await on_listening(addresses, admin_addresses)
         if on_chain is not None:
@@ -100,13 +101,14 @@ async def serve(
                             await reloading
                         break
                     replaced = reloading.result()
-                    if replaced is not serving:
+                    # A failed reload may still have rebound the same runners elsewhere.
+                    if replaced.chain is not serving.chain:
                         chains.append(replaced.chain)
                         # The old listeners drain in the background while the new ones serve.
                         task = asyncio.create_task(_stop(serving))
                         retiring.add(task)
                         task.add_done_callback(retiring.discard)
-                        serving = replaced
+                    serving = replaced
         finally:
             log.info("draining", extra={"event": "stop"})
             shutdown.set()  # release wait_for_change long-polls
@@ -142,23 +144,25 @@ async def _start(
     session: aiohttp.ClientSession,
     clock: Clock,
     shutdown: asyncio.Event,
-    bound: tuple[list[tuple[str, int]], tuple[str, int]] | None,
+    inherited: binding.Listening | None,
     handover: Callable[[], Awaitable[None]] | None = None,
 ) -> _Serving:
     """Build the chain, start the pre-warm, start admin then metadata listeners.
 
-    ``bound``: the addresses to listen on instead of the settings' (a reload with the
-    same listen settings reuses the ports actually bound, which matters for port 0).
-    ``handover`` (a reload): called before binding, to free the addresses, once the new
-    chain's default token is minted or RELOAD_WARM_SECONDS passed, so /readyz does not
-    drop to 503 for the swap when the new identity works."""
+    ``inherited`` (a reload with the same listen settings): sockets to serve on instead
+    of binding the settings' addresses; they are the running ones, duplicated.
+    ``handover`` (a reload to other addresses): called before binding, to free the old
+    ones. Either way a reload first waits until the new chain's default token is minted
+    or RELOAD_WARM_SECONDS passed, so /readyz does not drop to 503 for the swap when the
+    new identity works."""
     source = build_source(settings.cred, session, aws_strict=settings.aws_strict)
     chain = TokenChain(settings, source, session, clock)
     # At start-up the listeners come first (SPEC §5: the admin listener is up before the
     # first exchange, and a bind error is the only line of a failed start); a reload
     # warms the new identity first, while the old listeners still serve.
     warm: asyncio.Task[None] | None = None
-    if handover is not None:
+    reloading = inherited is not None or handover is not None
+    if reloading:
         warm = asyncio.create_task(_warm_and_describe(chain, source))
     admin = listener.GuardedRunner(
         create_admin_app(chain),
@@ -172,23 +176,29 @@ async def _start(
         access_log=None,
         shutdown_timeout=DRAIN_SECONDS,
     )
+    listening = inherited
     try:
-        if handover is not None and warm is not None:
+        if reloading and warm is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(warm), RELOAD_WARM_SECONDS)
+        if handover is not None:
             await handover()
+        # Before the first socket opens: fd limit raised, accept errors rate-limited (idempotent).
+        listener.prepare_process(asyncio.get_running_loop())
+        if listening is None:
+            admin_at = (settings.admin_listen.host, settings.admin_listen.port)
+            listening = await binding.bind_all([(a.host, a.port) for a in settings.listen], admin_at)
         await admin.setup()
-        admin_at = bound[1] if bound else (settings.admin_listen.host, settings.admin_listen.port)
-        await _listen(admin, *admin_at, "admin-listen")
+        await binding.serve_on(admin, listening.admin)
         await metadata.setup()
-        listen = bound[0] if bound else [(a.host, a.port) for a in settings.listen]
-        for host, port in listen:
-            await _listen(metadata, host, port, "listen", backlog=1024)
+        await binding.serve_on(metadata, listening.metadata)
     except BaseException:  # a bind error, or SIGTERM during a reload (cancelled)
         if warm is not None:
             warm.cancel()
         await metadata.cleanup()
         await admin.cleanup()
+        if listening is not None:
+            listening.close()
         await chain.close()
         await source.close()
         raise
@@ -196,8 +206,8 @@ async def _start(
         "listening",
         extra={
             "event": "start",
-            "metadata": ",".join(_fmt(a) for a in metadata.addresses),
-            "admin": ",".join(_fmt(a) for a in admin.addresses),
+            "metadata": ",".join(binding.display(a) for a in metadata.addresses),
+            "admin": ",".join(binding.display(a) for a in admin.addresses),
             "account": settings.email,
             "project": settings.project_id,
             "source": type(settings.cred.source).__name__,
@@ -205,7 +215,7 @@ async def _start(
     )
     if warm is None:
         warm = asyncio.create_task(_warm_and_describe(chain, source))
-    return _Serving(settings, source, chain, admin, metadata, warm)
+    return _Serving(settings, source, chain, admin, metadata, warm, listening)
 
 
 async def _stop(serving: _Serving) -> None:
@@ -239,33 +249,41 @@ async def _reload(
         )
         return serving
     old = serving.settings
-    was_bound = ([_host_port(a) for a in serving.metadata.addresses], _host_port(serving.admin.addresses[0]))
+    metadata_at = [binding.host_port(a) for a in serving.metadata.addresses]
+    was_bound = (metadata_at, binding.host_port(serving.admin.addresses[0]))
     same_listen = fresh.listen == old.listen and fresh.admin_listen == old.admin_listen
     freed: list[bool] = []
 
-    async def free_addresses() -> None:
+    async def stop_accepting() -> None:
         # Connections already open keep being served by the old runner until it is
-        # cleaned up (in the background). Known gap: a connection still in the old
-        # socket's accept queue when it closes may go unanswered (Linux does not hand
-        # it to the new socket); clients time out and retry.
-        freed.append(True)
+        # cleaned up (in the background); its sites stop taking new ones.
         for site in [*serving.metadata.sites, *serving.admin.sites]:
             await site.stop()
 
+    async def free_addresses() -> None:
+        # Other addresses: the old sockets close before the new ones bind (an address may
+        # be in both). Only here can a connection be refused for that instant.
+        freed.append(True)
+        await stop_accepting()
+
     try:
-        replaced = await _start(
-            fresh, session, clock, shutdown, was_bound if same_listen else None, handover=free_addresses
-        )
+        if same_listen:
+            # The running sockets, duplicated: one accept queue throughout (binding.py).
+            replaced = await _start(fresh, session, clock, shutdown, serving.listening.dup())
+            await stop_accepting()
+        else:
+            replaced = await _start(fresh, session, clock, shutdown, None, handover=free_addresses)
     except (OSError, BrokerError, ConfigError) as exc:
         log.error(
             "reload failed: cannot start the new listeners; back on the previous ones",
             extra={"event": "reload", "outcome": "error", "error": str(exc)},
         )
-        if freed:
-            for host, port in was_bound[0]:
-                await web.TCPSite(serving.metadata, host, port, backlog=1024).start()
-            await web.TCPSite(serving.admin, *was_bound[1]).start()
-        return serving
+        if not freed:
+            return serving
+        relisten = await binding.bind_all(*was_bound)
+        await binding.serve_on(serving.admin, relisten.admin)
+        await binding.serve_on(serving.metadata, relisten.metadata)
+        return dataclasses.replace(serving, listening=relisten)
     log.info(
         "reloaded",
         extra={
@@ -276,11 +294,6 @@ async def _reload(
         },
     )
     return replaced
-
-
-def _host_port(address: object) -> tuple[str, int]:
-    assert isinstance(address, tuple)
-    return str(address[0]), int(address[1])
 
 
 async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> None:
@@ -304,22 +317,3 @@ async def _warm_and_describe(chain: TokenChain, source: SubjectTokenSource) -> N
     if seen.get("bind"):
         # The narrowest member for this identity: later IAM denials name it (SPEC §11).
         chain.steps.learn_member(seen["bind"])
-
-
-async def _listen(runner: web.AppRunner, host: str, port: int, setting: str, **kwargs: Any) -> None:
-    """Bind one listener. A port in use or an address this host does not have is a
-    configuration error naming the setting (one line, exit 2), not a traceback."""
-    # Before the first socket opens: fd limit raised, accept errors rate-limited (idempotent).
-    listener.prepare_process(asyncio.get_running_loop())
-    try:
-        await web.TCPSite(runner, host, port, **kwargs).start()
-    except OSError as exc:
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise ConfigError(setting, f"cannot listen on {shown}: {exc.strerror or exc}") from None
-
-
-def _fmt(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)

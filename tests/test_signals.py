@@ -10,6 +10,7 @@ running configuration serving and is named in one log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from broker.fakes import DEFAULT_SERVICE_ACCOUNT, FakeGoogle
 
 MF = {"Metadata-Flavor": "Google"}
 SA_PATH = "/computeMetadata/v1/instance/service-accounts/default/"
+PROJECT_PATH = "/computeMetadata/v1/project/project-id"
 OTHER_SA = "other@wif-broker-demo.iam.gserviceaccount.com"
 EXIT_DEADLINE = 10.0  # SPEC §3/§8
 WAIT = 30.0
@@ -73,19 +75,35 @@ def write_credentials(path: Path, google: FakeGoogle, token_file: Path, account:
     path.write_text(json.dumps(info))
 
 
+TOML = 'zone = "us-central1-a"\nproject-id = "wif-broker-demo"\n'
+
+
 @pytest.fixture
 async def daemon(tmp_path: Path, google: FakeGoogle) -> AsyncIterator[Daemon]:
+    port, admin = free_port(), free_port()
+    flags = ["--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"]
+    async with launch(tmp_path, google, TOML, flags, port, admin) as running:
+        yield running
+
+
+def listen_toml(port: int, admin: int) -> str:
+    """Addresses in the settings file, where a SIGHUP can change them."""
+    return f'{TOML}listen = ["127.0.0.1:{port}"]\nadmin-listen = "127.0.0.1:{admin}"\n'
+
+
+@contextlib.asynccontextmanager
+async def launch(
+    tmp_path: Path, google: FakeGoogle, toml: str, flags: list[str], port: int, admin: int
+) -> AsyncIterator[Daemon]:
     token_file = tmp_path / "subject-token"
     token_file.write_text(google.subject_token(lifetime_seconds=7200))
     write_credentials(tmp_path / "credentials.json", google, token_file, DEFAULT_SERVICE_ACCOUNT)
-    (tmp_path / "broker.toml").write_text('zone = "us-central1-a"\nproject-id = "wif-broker-demo"\n')
-    port, admin = free_port(), free_port()
+    (tmp_path / "broker.toml").write_text(toml)
     argv = [
         sys.executable, "-m", "broker", "run",
         "--config", str(tmp_path / "broker.toml"),
         "--credentials", str(tmp_path / "credentials.json"),
-        "--listen", f"127.0.0.1:{port}",
-        "--admin-listen", f"127.0.0.1:{admin}",
+        *flags,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIF_BROKER_")}
     # asyncio's subprocess: the fakes serve from this event loop, which must not block.
@@ -162,16 +180,11 @@ async def test_sighup_swaps_in_a_new_identity(daemon: Daemon, google: FakeGoogle
     seen: list[object] = []
 
     async def swapped() -> None:
-        while True:
-            try:
-                # A connection the old listener's accept queue held when it closed can be
-                # left unanswered (a known gap of the swap); clients time out and retry.
-                got = await asyncio.wait_for(get(daemon.url + SA_PATH + "email"), 3)
-                seen.append(got)
-                if got == (200, OTHER_SA):
-                    return
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                seen.append(repr(exc))  # the instant between the old listener closing and the new one
+        while True:  # no connection error is tolerated: the swap keeps the sockets
+            got = await get(daemon.url + SA_PATH + "email")
+            seen.append(got)
+            if got == (200, OTHER_SA):
+                return
             await asyncio.sleep(0.05)
 
     try:
@@ -189,6 +202,90 @@ async def test_sighup_swaps_in_a_new_identity(daemon: Daemon, google: FakeGoogle
     assert len(google.iam.calls) >= before
     assert daemon.proc.returncode is None
     assert '"event": "reload", "outcome": "ok"' in daemon.text()
+
+
+async def test_a_reload_drops_no_connection(daemon: Daemon, google: FakeGoogle, tmp_path: Path) -> None:
+    """SIGHUP while clients keep opening connections (what a node's agents do): every
+    connection is answered, before, during and after the swap. A refused or reset
+    connection is what makes gcloud write its "not on GCE" cache."""
+    write_credentials(tmp_path / "credentials.json", google, tmp_path / "subject-token", OTHER_SA)
+    done = asyncio.Event()
+    failures: list[str] = []
+    answered: list[int] = []
+
+    async def client() -> None:
+        while not done.is_set():  # bounded: done is set below, at most WAIT + 0.5 s from now
+            try:
+                status, _ = await asyncio.wait_for(
+                    get(daemon.url + "/computeMetadata/v1/project/project-id"), 5
+                )
+                answered.append(status)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                failures.append(repr(exc))
+
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    try:
+        await asyncio.sleep(0.2)
+        daemon.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(WAIT):
+            while '"outcome": "ok"' not in daemon.text():  # noqa: ASYNC110  # the log is the signal
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # the old listeners drain meanwhile
+    finally:
+        done.set()
+        await asyncio.gather(*clients)
+    assert failures == [], f"{len(failures)} of {len(failures) + len(answered)} failed: {failures[:3]}"
+    assert set(answered) == {200}
+    assert await get(daemon.url + SA_PATH + "email") == (200, OTHER_SA)
+
+
+async def reload_logged(daemon: Daemon, outcome: str) -> dict[str, object]:
+    async with asyncio.timeout(WAIT):
+        while True:
+            for line in daemon.text().splitlines():
+                if f'"outcome": "{outcome}"' in line:
+                    entry: dict[str, object] = json.loads(line)
+                    return entry
+            await asyncio.sleep(0.05)
+
+
+async def can_connect(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return False
+    writer.close()
+    return True
+
+
+async def test_a_reload_to_other_addresses_moves_the_listeners(tmp_path: Path, google: FakeGoogle) -> None:
+    port, admin, new_port, new_admin = (free_port() for _ in range(4))
+    async with launch(tmp_path, google, listen_toml(port, admin), [], port, admin) as daemon:
+        (tmp_path / "broker.toml").write_text(listen_toml(new_port, new_admin))
+        daemon.proc.send_signal(signal.SIGHUP)
+        await reload_logged(daemon, "ok")
+        moved = Daemon(daemon.proc, new_port, new_admin, daemon.output)
+        await until_ready(moved)
+        assert await get(moved.url + SA_PATH + "email") == (200, DEFAULT_SERVICE_ACCOUNT)
+        assert not await can_connect(port), "the old metadata address still listens"
+        assert not await can_connect(admin), "the old admin address still listens"
+
+
+async def test_a_reload_to_a_taken_address_goes_back_to_the_old_ones(
+    tmp_path: Path, google: FakeGoogle
+) -> None:
+    port, admin = free_port(), free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        async with launch(tmp_path, google, listen_toml(port, admin), [], port, admin) as daemon:
+            (tmp_path / "broker.toml").write_text(listen_toml(taken.getsockname()[1], admin))
+            daemon.proc.send_signal(signal.SIGHUP)
+            entry = await reload_logged(daemon, "error")
+            assert "cannot listen on 127.0.0.1:" in str(entry["error"]), entry
+            await until_ready(daemon)
+            assert await get(daemon.url + SA_PATH + "email") == (200, DEFAULT_SERVICE_ACCOUNT)
+            assert "Traceback" not in daemon.text()
 
 
 @pytest.mark.parametrize("broken", ["credentials.json", "broker.toml"])
