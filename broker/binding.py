@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from broker.errors import ConfigError
+from broker.settings import Address
 
-METADATA_BACKLOG = 1024  # every agent on a node may ask at once when a pod starts
+# Every agent on a node may ask at once when a pod starts. One value for every socket:
+# asyncio listens again with the site's backlog anyway (serve_on).
+BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,9 @@ class Listening:
             sock.close()
 
 
-def shown(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def display(address: object) -> str:
     """A bound address (a socket's getsockname()) as HOST:PORT, IPv6 in brackets."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        return shown(str(address[0]), int(address[1]))
-    return str(address)
+    return str(Address(*host_port(address))) if isinstance(address, tuple) else str(address)
 
 
 def host_port(address: object) -> tuple[str, int]:
@@ -55,7 +52,7 @@ def host_port(address: object) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
-async def bind(host: str, port: int, setting: str, *, backlog: int = 128) -> tuple[socket.socket, ...]:
+async def bind(host: str, port: int, setting: str) -> tuple[socket.socket, ...]:
     """Bind and listen on every address ``host`` resolves to, as asyncio's create_server
     does. A port in use or an address this host does not have is a configuration error
     naming the setting (one line, exit 2), not a traceback."""
@@ -70,12 +67,12 @@ async def bind(host: str, port: int, setting: str, *, backlog: int = 128) -> tup
             if family == socket.AF_INET6:  # "::" means IPv6 only, as with asyncio
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(backlog)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
     except OSError as exc:
         for sock in bound:
             sock.close()
-        raise ConfigError(setting, f"cannot listen on {shown(host, port)}: {exc.strerror or exc}") from None
+        raise ConfigError(setting, f"cannot listen on {Address(host, port)}: {exc.strerror or exc}") from None
     return tuple(bound)
 
 
@@ -85,7 +82,7 @@ async def bind_all(metadata: list[tuple[str, int]], admin: tuple[str, int]) -> L
     metadata_socks: list[socket.socket] = []
     try:
         for host, port in metadata:
-            metadata_socks.extend(await bind(host, port, "listen", backlog=METADATA_BACKLOG))
+            metadata_socks.extend(await bind(host, port, "listen"))
     except BaseException:
         Listening(tuple(metadata_socks), admin_socks).close()
         raise
@@ -93,7 +90,6 @@ async def bind_all(metadata: list[tuple[str, int]], admin: tuple[str, int]) -> L
 
 
 async def serve_on(runner: web.AppRunner, socks: tuple[socket.socket, ...]) -> None:
-    """One site per socket. asyncio calls listen() again, with the site's backlog: the
-    metadata listener's, so a duplicated socket keeps it."""
+    """One site per socket (asyncio calls listen() again, with the site's backlog)."""
     for sock in socks:
-        await web.SockSite(runner, sock, backlog=METADATA_BACKLOG).start()
+        await web.SockSite(runner, sock, backlog=BACKLOG).start()

@@ -161,8 +161,7 @@ async def _start(
     # first exchange, and a bind error is the only line of a failed start); a reload
     # warms the new identity first, while the old listeners still serve.
     warm: asyncio.Task[None] | None = None
-    reloading = inherited is not None or handover is not None
-    if reloading:
+    if inherited is not None or handover is not None:  # a reload
         warm = asyncio.create_task(_warm_and_describe(chain, source))
     admin = listener.GuardedRunner(
         create_admin_app(chain),
@@ -178,7 +177,7 @@ async def _start(
     )
     listening = inherited
     try:
-        if reloading and warm is not None:
+        if warm is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(warm), RELOAD_WARM_SECONDS)
         if handover is not None:

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from broker import metrics
+from broker import binding, metrics
 from broker.metrics import Admission
 from broker.webhook import inject
 from broker.webhook.kube import ReadError, ServiceAccountReader
@@ -178,7 +178,7 @@ async def serve(
         # otherwise walks it and shows up as the latency tail (bench/webhook.py).
         gc.freeze()
         ready.set()
-        webhook_at, admin_at = _fmt(runner.addresses[0]), _fmt(admin.addresses[0])
+        webhook_at, admin_at = binding.display(runner.addresses[0]), binding.display(admin.addresses[0])
         log.info("listening", extra={"event": "start", "webhook": webhook_at, "admin": admin_at})
         if on_listening is not None:
             await on_listening(webhook_at, admin_at)
@@ -190,10 +190,3 @@ async def serve(
         log.info("draining", extra={"event": "stop", "delay_seconds": cfg.shutdown_delay})
         await asyncio.sleep(cfg.shutdown_delay)
     log.info("stopped", extra={"event": "stopped"})
-
-
-def _fmt(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
